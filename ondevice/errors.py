@@ -1,0 +1,33 @@
+"""Exceptions with messages that say what to do. Every error the SDK raises on bad input is one of these."""
+
+
+class OndeviceError(Exception):
+    """Base class of every error the SDK raises on purpose."""
+
+
+class ModelNotFoundError(OndeviceError):
+    """A model alias or path that does not resolve to a file."""
+
+
+class SourceFormatError(OndeviceError):
+    """A checkpoint that cannot be read: wrong magic, truncated, corrupt."""
+
+
+class UnsupportedArchitectureError(OndeviceError):
+    """A checkpoint whose architecture has no converter file."""
+
+
+class BundleError(OndeviceError):
+    """A bundle that is missing files, fails its checksums or names paths outside itself."""
+
+
+class BundleExistsError(OndeviceError):
+    """The conversion target exists and --force was not given."""
+
+
+class ContextOverflowError(OndeviceError):
+    """A prompt (plus requested tokens) that does not fit in the model's context."""
+
+
+class ChatTemplateError(OndeviceError):
+    """A chat template that fails to render in the sandbox."""
