@@ -2,8 +2,12 @@
 
 A `Blocks` value holds what ONNX Runtime's MatMulNBits (and GatherBlockQuantized) consume for a
 weight of shape [N out, K in]: codes [N, K/block, block] (one byte per code, packed for 4-bit),
-float32 scales [N, K/block] and optional float32 zero points. ORT dequantizes as
-`q * scale + (-zero_point * scale)`, which lets GGUF's Q4_1 (`d * q + m`) be carried exactly.
+float32 scales [N, K/block], optional integer zero points, and optional per-block float offsets
+("mins"): w = (q - zero_point) * scale + min.
+
+GGUF's Q4_1 (`w = d*q + m`) is carried exactly as codes q, scales d, zero point 0 and mins m; the
+graph adds the `m` term as (block sums of x) @ m^T, the same split llama.cpp's Q4_1 dot product
+uses. (MatMulNBits' own float zero points could express it too, but take a path ~20x slower.)
 """
 
 from __future__ import annotations
@@ -19,9 +23,10 @@ from ondevice.converters.canonical import QTensor
 class Blocks:
     codes: np.ndarray  # uint8 [N, n_blocks, block] (unpacked, 0..2^bits-1)
     scales: np.ndarray  # float32 [N, n_blocks]
-    zero_points: np.ndarray | None  # float32 [N, n_blocks]; None = symmetric (2^(bits-1))
+    zero_points: np.ndarray | None  # uint8 [N, n_blocks]; None = symmetric (2^(bits-1))
     bits: int
     source: str  # how the blocks were made: "Q4_1 repacked", "rtn asym g32", ...
+    mins: np.ndarray | None = None  # float32 [N, n_blocks] added to every weight of the block
 
     @property
     def shape(self) -> tuple[int, int]:
@@ -39,13 +44,24 @@ class Blocks:
         lo, hi = self.codes[..., 0::2], self.codes[..., 1::2]
         return (lo | (hi << 4)).astype(np.uint8)
 
+    def packed_zero_points(self) -> np.ndarray | None:
+        """Zero points in MatMulNBits layout: for 4-bit, two blocks per byte, each row padded."""
+        if self.zero_points is None or self.bits == 8:
+            return self.zero_points
+        zp = self.zero_points
+        if zp.shape[1] % 2:
+            zp = np.pad(zp, ((0, 0), (0, 1)))
+        return (zp[:, 0::2] | (zp[:, 1::2] << 4)).astype(np.uint8)
+
     def dequantize(self) -> np.ndarray:
-        """Float32 [N, K] exactly as ORT computes it."""
+        """Float32 [N, K]: for GGUF sources, bit for bit what gguf/llama.cpp dequantize to."""
         zp = self.zero_points
         if zp is None:
-            zp = np.full(self.scales.shape, 2 ** (self.bits - 1), np.float32)
-        offset = (-zp * self.scales)[..., None]
-        w = self.codes.astype(np.float32) * self.scales[..., None] + offset
+            zp = np.full(self.scales.shape, 2 ** (self.bits - 1), np.uint8)
+        q = self.codes.astype(np.float32) - zp[..., None].astype(np.float32)
+        w = q * self.scales[..., None]
+        if self.mins is not None:
+            w = w + self.mins[..., None]
         return w.reshape(self.shape)
 
 
@@ -57,20 +73,24 @@ def concat_rows(parts: list[Blocks]) -> Blocks:
     if any((p.zero_points is None) != (first.zero_points is None) for p in parts):
         parts = [_with_explicit_zero_points(p) for p in parts]
     zps = None if parts[0].zero_points is None else np.concatenate([p.zero_points for p in parts])
+    mins = None
+    if any(p.mins is not None for p in parts):
+        mins = np.concatenate([p.mins if p.mins is not None else np.zeros_like(p.scales) for p in parts])
     return Blocks(
         codes=np.concatenate([p.codes for p in parts]),
         scales=np.concatenate([p.scales for p in parts]),
         zero_points=zps,
         bits=first.bits,
         source=" | ".join(sorted({p.source for p in parts})),
+        mins=mins,
     )
 
 
 def _with_explicit_zero_points(b: Blocks) -> Blocks:
     if b.zero_points is not None:
         return b
-    zp = np.full(b.scales.shape, 2 ** (b.bits - 1), np.float32)
-    return Blocks(b.codes, b.scales, zp, b.bits, b.source)
+    zp = np.full(b.scales.shape, 2 ** (b.bits - 1), np.uint8)
+    return Blocks(b.codes, b.scales, zp, b.bits, b.source, b.mins)
 
 
 # --- GGUF blocks, carried over without loss -------------------------------------------------
@@ -91,36 +111,10 @@ def _unpack_gguf_nibbles(qs: np.ndarray) -> np.ndarray:
     return np.concatenate([qs & 0x0F, qs >> 4], axis=-1).astype(np.uint8)
 
 
-def _exact_zero_points(d: np.ndarray, m: np.ndarray) -> np.ndarray:
-    """Float32 z with fl(-z * d) == m, so ORT's `q*d + (-z*d)` equals GGUF's `q*d + m` bit for bit."""
-    with np.errstate(divide="ignore", invalid="ignore"):
-        z0 = (-m.astype(np.float64) / d.astype(np.float64)).astype(np.float32)
-    best = z0.copy()
-    found = (-best * d) == m
-    for step in (1, -1, 2, -2, 3, -3, 4, -4):
-        cand = z0.copy()
-        direction = np.float32(np.inf) if step > 0 else np.float32(-np.inf)
-        for _ in range(abs(step)):
-            cand = np.nextafter(cand, direction)
-        hit = ~found & ((-cand * d) == m)
-        best[hit] = cand[hit]
-        found |= hit
-    return best
-
-
 def from_gguf_q4_1(t: QTensor) -> Blocks:
     f, qs = _gguf_fields(t, [("d", 2), ("m", 2)], 16)
-    d, m = f["d"], f["m"]
-    codes = _unpack_gguf_nibbles(qs)
-    zp = _exact_zero_points(d, m)
-    # A block with d == 0 holds one value m everywhere: code 1, scale m, zero point 0.
-    flat = d == 0
-    if flat.any():
-        codes[flat] = 1
-        d = d.copy()
-        d[flat] = m[flat]
-        zp[flat] = 0.0
-    return Blocks(codes, d, zp, 4, "Q4_1 repacked")
+    zero = np.zeros(f["d"].shape, np.uint8)
+    return Blocks(_unpack_gguf_nibbles(qs), f["d"], zero, 4, "Q4_1 repacked", mins=f["m"])
 
 
 def from_gguf_q4_0(t: QTensor) -> Blocks:
@@ -154,7 +148,7 @@ def quantize_rtn(w: np.ndarray, bits: int = 4, block_size: int = 32, symmetric: 
         return Blocks(codes, scale, None, bits, f"rtn sym g{block_size}")
     lo, hi = g.min(-1), g.max(-1)
     scale = np.where(hi > lo, (hi - lo) / qmax, 1.0).astype(np.float32)
-    zp = np.clip(np.round(-lo / scale), 0, qmax).astype(np.float32)
+    zp = np.clip(np.round(-lo / scale), 0, qmax).astype(np.uint8)
     codes = np.clip(np.round(g / scale[..., None]) + zp[..., None], 0, qmax).astype(np.uint8)
     return Blocks(codes, scale, zp, bits, f"rtn asym g{block_size}")
 
@@ -185,8 +179,10 @@ def quantize_linear(w: np.ndarray | QTensor, spec: QuantSpec, keep_8bit: bool = 
     source stays 8-bit under q4 only when `keep_8bit` (the tied embedding / LM head), and a 4-bit
     source stays 4-bit under q8 (re-quantizing would only lose precision).
     """
-    if spec.mode in ("fp16", "fp32"):
+    if spec.mode == "fp32":
         return dequantize(w)
+    if spec.mode == "fp16":
+        return dequantize(w).astype(np.float16)
     bits = 4 if spec.mode == "q4" else 8
     if isinstance(w, QTensor) and w.kind in LOSSLESS:
         blocks = LOSSLESS[w.kind](w)

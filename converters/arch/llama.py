@@ -1,0 +1,207 @@
+"""Llama family (Llama 2/3, SmolLM, TinyLlama, ...): config, checkpoint name mapping, ONNX graph.
+
+The graph serves prefill, decode and (later) token-tree verification alike: T new tokens attend to
+a shared past/present KV buffer of the engine's capacity; `logits_from` picks the first position
+whose logits are computed (T-1 for generation, 0 for scoring).
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+
+import numpy as np
+
+from ondevice.converters.canonical import QTensor, Weight
+from ondevice.converters.export_onnx import MS_DOMAIN, GraphBuilder
+from ondevice.converters.quantize import QuantSpec, concat_rows, quantize_linear
+from ondevice.errors import SourceFormatError, UnsupportedArchitectureError
+
+
+@dataclass
+class LlamaConfig:
+    vocab_size: int
+    hidden_size: int
+    intermediate_size: int
+    num_layers: int
+    num_heads: int
+    num_kv_heads: int
+    head_dim: int
+    rope_theta: float
+    rms_norm_eps: float
+    max_context: int
+    tie_embeddings: bool
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+# --- from each source format -----------------------------------------------------------------
+
+def config_from_gguf(meta: dict, weights: dict[str, Weight]) -> LlamaConfig:
+    def get(key, default=None):
+        value = meta.get(f"llama.{key}", default)
+        if value is None:
+            raise SourceFormatError(f"GGUF metadata lacks llama.{key}")
+        return value
+
+    hidden = int(get("embedding_length"))
+    heads = int(get("attention.head_count"))
+    if meta.get("llama.rope.scaling.type") not in (None, "none"):
+        raise UnsupportedArchitectureError("llama with rope scaling is not supported yet")
+    vocab = weights["token_embd.weight"].shape[0]
+    return LlamaConfig(
+        vocab_size=int(meta.get("llama.vocab_size", vocab)),
+        hidden_size=hidden,
+        intermediate_size=int(get("feed_forward_length")),
+        num_layers=int(get("block_count")),
+        num_heads=heads,
+        num_kv_heads=int(meta.get("llama.attention.head_count_kv", heads)),
+        head_dim=int(meta.get("llama.rope.dimension_count", hidden // heads)),
+        rope_theta=float(meta.get("llama.rope.freq_base", 10000.0)),
+        rms_norm_eps=float(get("attention.layer_norm_rms_epsilon")),
+        max_context=int(get("context_length")),
+        tie_embeddings="output.weight" not in weights,
+    )
+
+
+def config_from_hf(cfg: dict, weights: dict[str, Weight]) -> LlamaConfig:
+    if cfg.get("rope_scaling"):
+        raise UnsupportedArchitectureError("llama with rope_scaling is not supported yet")
+    heads = int(cfg["num_attention_heads"])
+    return LlamaConfig(
+        vocab_size=int(cfg["vocab_size"]),
+        hidden_size=int(cfg["hidden_size"]),
+        intermediate_size=int(cfg["intermediate_size"]),
+        num_layers=int(cfg["num_hidden_layers"]),
+        num_heads=heads,
+        num_kv_heads=int(cfg.get("num_key_value_heads") or heads),
+        head_dim=int(cfg.get("head_dim") or cfg["hidden_size"] // heads),
+        rope_theta=float(cfg.get("rope_theta", 10000.0)),
+        rms_norm_eps=float(cfg.get("rms_norm_eps", 1e-6)),
+        max_context=int(cfg.get("max_position_embeddings", 2048)),
+        tie_embeddings="lm_head.weight" not in weights or bool(cfg.get("tie_word_embeddings")),
+    )
+
+
+_GGUF_NAMES = {
+    "attn_norm": "input_layernorm", "ffn_norm": "post_attention_layernorm",
+    "attn_q": "self_attn.q_proj", "attn_k": "self_attn.k_proj", "attn_v": "self_attn.v_proj",
+    "attn_output": "self_attn.o_proj",
+    "ffn_gate": "mlp.gate_proj", "ffn_up": "mlp.up_proj", "ffn_down": "mlp.down_proj",
+}
+
+
+def _unpermute_rows(w: Weight, n_head: int) -> Weight:
+    """Undo llama.cpp's q/k row permutation (its rope pairs adjacent dims; HF pairs halves)."""
+    rows = w.shape[0]
+    order = np.arange(rows).reshape(n_head, 2, rows // n_head // 2).swapaxes(1, 2).reshape(-1)
+    inverse = np.argsort(order)
+    return w.take_rows(inverse) if isinstance(w, QTensor) else w[inverse]
+
+
+def canonical_from_gguf(weights: dict[str, Weight], cfg: LlamaConfig) -> dict[str, Weight]:
+    out: dict[str, Weight] = {}
+    for name, w in weights.items():
+        if name == "token_embd.weight":
+            out["model.embed_tokens.weight"] = w
+        elif name == "output_norm.weight":
+            out["model.norm.weight"] = w
+        elif name == "output.weight":
+            out["lm_head.weight"] = w
+        elif name.startswith("blk."):
+            _, layer, kind, _ = name.split(".")
+            if kind not in _GGUF_NAMES:
+                continue  # e.g. rope_freqs: derived from the config instead
+            if kind == "attn_q":
+                w = _unpermute_rows(w, cfg.num_heads)
+            elif kind == "attn_k":
+                w = _unpermute_rows(w, cfg.num_kv_heads)
+            out[f"model.layers.{layer}.{_GGUF_NAMES[kind]}.weight"] = w
+    return out
+
+
+def canonical_from_hf(weights: dict[str, Weight], cfg: LlamaConfig) -> dict[str, Weight]:
+    return {k: v for k, v in weights.items() if not k.endswith("rotary_emb.inv_freq")}
+
+
+# --- the graph ----------------------------------------------------------------------------------
+
+def rope_cache(cfg: LlamaConfig, max_context: int) -> tuple[np.ndarray, np.ndarray]:
+    inv_freq = 1.0 / (cfg.rope_theta ** (np.arange(0, cfg.head_dim, 2, dtype=np.float64) / cfg.head_dim))
+    angles = np.arange(max_context, dtype=np.float64)[:, None] * inv_freq[None, :]
+    return np.cos(angles).astype(np.float32), np.sin(angles).astype(np.float32)
+
+
+def _norm(w: Weight) -> np.ndarray:
+    return w.dequantize() if isinstance(w, QTensor) else np.asarray(w, np.float32)
+
+
+def build(g: GraphBuilder, cfg: LlamaConfig, weights: dict[str, Weight], spec: QuantSpec,
+          max_context: int) -> dict:
+    """Compose the decoder graph; returns the quantization record for the manifest."""
+    def need(name: str) -> Weight:
+        if name not in weights:
+            raise SourceFormatError(f"checkpoint lacks tensor {name}")
+        return weights[name]
+
+    quant_record: dict[str, str] = {}
+
+    def linear_weight(names: list[str], key: str, keep_8bit: bool = False):
+        parts = [quantize_linear(need(n), spec, keep_8bit) for n in names]
+        if len(parts) == 1:
+            w = parts[0]
+        elif all(isinstance(p, np.ndarray) for p in parts):
+            w = np.concatenate(parts)
+        else:
+            w = concat_rows(parts)
+        quant_record[key] = getattr(w, "source", spec.mode)
+        return w
+
+    ids = g.input("input_ids", "int64", [1, "T"])
+    seqlens_k = g.input("seqlens_k", "int32", [1])
+    total_len = g.input("total_sequence_length", "int32", [])
+    logits_from = g.input("logits_from", "int64", [1])
+    cos, sin = rope_cache(cfg, max_context)
+    cos, sin = g.const("rope.cos", cos), g.const("rope.sin", sin)
+    eps, kv, hd = cfg.rms_norm_eps, cfg.num_kv_heads, cfg.head_dim
+
+    embed = linear_weight(["model.embed_tokens.weight"], "embedding", keep_8bit=True)
+    x = g.embedding(ids, embed, "model.embed_tokens", cfg.hidden_size)
+
+    residual = x
+    normed = g.rms_norm(x, _norm(need("model.layers.0.input_layernorm.weight")), eps, "model.layers.0.input_norm")
+    for i in range(cfg.num_layers):
+        p = f"model.layers.{i}"
+        qkv = linear_weight([f"{p}.self_attn.{n}_proj.weight" for n in "qkv"], "attention.qkv")
+        qkv = g.linear(normed, qkv, f"{p}.self_attn.qkv_proj")
+        past_k = g.input(f"past_key.{i}", "float32", [1, kv, "capacity", hd])
+        past_v = g.input(f"past_value.{i}", "float32", [1, kv, "capacity", hd])
+        attn, _, _ = g.node(
+            "GroupQueryAttention", [qkv, "", "", past_k, past_v, seqlens_k, total_len, cos, sin],
+            [f"{p}.attn.out", f"present_key.{i}", f"present_value.{i}"], MS_DOMAIN,
+            num_heads=cfg.num_heads, kv_num_heads=kv, do_rotary=1, rotary_interleaved=0,
+            scale=float(hd ** -0.5))
+        g.output(f"present_key.{i}", "float32", [1, kv, "capacity", hd])
+        g.output(f"present_value.{i}", "float32", [1, kv, "capacity", hd])
+        o = g.linear(attn, linear_weight([f"{p}.self_attn.o_proj.weight"], "attention.o"), f"{p}.self_attn.o_proj")
+        normed, residual = g.skip_rms_norm(o, residual, _norm(need(f"{p}.post_attention_layernorm.weight")),
+                                           eps, f"{p}.post_attention_norm")
+        gate_up = linear_weight([f"{p}.mlp.gate_proj.weight", f"{p}.mlp.up_proj.weight"], "mlp.gate_up")
+        h = g.silu_mul(g.linear(normed, gate_up, f"{p}.mlp.gate_up_proj"), f"{p}.mlp")
+        down = g.linear(h, linear_weight([f"{p}.mlp.down_proj.weight"], "mlp.down"), f"{p}.mlp.down_proj")
+        next_norm = (f"model.layers.{i + 1}.input_layernorm.weight" if i + 1 < cfg.num_layers
+                     else "model.norm.weight")
+        normed, residual = g.skip_rms_norm(down, residual, _norm(need(next_norm)), eps, f"{p}.output_norm")
+
+    ends = g.const("logits.ends", np.array([np.iinfo(np.int64).max], np.int64))
+    axis = g.const("logits.axis", np.array([1], np.int64))
+    kept = g.node("Slice", [normed, logits_from, ends, axis], "logits.kept")[0]
+    if cfg.tie_embeddings:
+        head = embed
+        quant_record["lm_head"] = "tied to embedding"
+    else:
+        head = linear_weight(["lm_head.weight"], "lm_head", keep_8bit=True)
+    g.linear(kept, head, "model.embed_tokens" if cfg.tie_embeddings else "lm_head")
+    g.nodes[-1].output[0] = "logits"
+    g.output("logits", "float32", [1, "L", cfg.vocab_size])
+    return quant_record

@@ -1,0 +1,128 @@
+"""A small ONNX graph builder over onnx.helper: the ops an architecture file composes a model from.
+
+The converter picks the fused ONNX Runtime ops itself (MatMulNBits, GroupQueryAttention,
+SkipSimplifiedLayerNormalization, GatherBlockQuantized), so no tracing framework is needed and a
+conversion takes seconds.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import numpy as np
+import onnx
+from onnx import TensorProto, helper, numpy_helper
+
+from ondevice.converters.quantize import Blocks
+
+OPSET = 21
+MS_DOMAIN = "com.microsoft"
+_DTYPES = {"float32": TensorProto.FLOAT, "int64": TensorProto.INT64, "int32": TensorProto.INT32}
+
+
+class GraphBuilder:
+    def __init__(self, name: str, accuracy_level: int = 4):
+        self.name = name
+        self.accuracy_level = accuracy_level
+        self.nodes: list[onnx.NodeProto] = []
+        self.initializers: list[onnx.TensorProto] = []
+        self.inputs: list[onnx.ValueInfoProto] = []
+        self.outputs: list[onnx.ValueInfoProto] = []
+        self.signature: dict[str, list[dict]] = {"inputs": [], "outputs": []}
+        self._names: set[str] = set()
+
+    # -- graph plumbing ---------------------------------------------------------------------
+    def input(self, name: str, dtype: str, shape: list) -> str:
+        self.inputs.append(helper.make_tensor_value_info(name, _DTYPES[dtype], shape))
+        self.signature["inputs"].append({"name": name, "dtype": dtype, "shape": shape})
+        return name
+
+    def output(self, name: str, dtype: str, shape: list) -> str:
+        self.outputs.append(helper.make_tensor_value_info(name, _DTYPES[dtype], shape))
+        self.signature["outputs"].append({"name": name, "dtype": dtype, "shape": shape})
+        return name
+
+    def const(self, name: str, value: np.ndarray) -> str:
+        if name not in self._names:
+            self._names.add(name)
+            self.initializers.append(numpy_helper.from_array(np.ascontiguousarray(value), name))
+        return name
+
+    def node(self, op: str, inputs: list[str], outputs: list[str] | str, domain: str = "", **attrs) -> list[str]:
+        outs = [outputs] if isinstance(outputs, str) else outputs
+        self.nodes.append(helper.make_node(op, inputs, outs, name=outs[0] + "/" + op, domain=domain, **attrs))
+        return outs
+
+    # -- model ops --------------------------------------------------------------------------
+    def linear(self, x: str, w: Blocks | np.ndarray, name: str) -> str:
+        """x @ w.T for w [N, K], as MatMulNBits (quantized) or MatMul (float)."""
+        if isinstance(w, Blocks):
+            n, k = w.shape
+            inputs = [x, self.const(name + ".qweight", w.packed()), self.const(name + ".scales", w.scales)]
+            if w.zero_points is not None:
+                inputs.append(self.const(name + ".zero_points", w.packed_zero_points().reshape(-1)))
+            # 8-bit blocks always compute in int8 (level 4): ORT's float path for them is ~50x slower.
+            level = 4 if w.bits == 8 else self.accuracy_level
+            y = self.node("MatMulNBits", inputs, name + ".nbits", MS_DOMAIN, K=k, N=n, bits=w.bits,
+                          block_size=w.block_size, accuracy_level=level)[0]
+            if w.mins is None:
+                return y
+            # + sum over each block of x, times that block's min: (blocksum(x) @ mins^T)
+            nb = k // w.block_size
+            shape = self.const(f"blocks.shape.{nb}x{w.block_size}", np.array([0, 0, nb, w.block_size], np.int64))
+            axes = self.const("blocks.axes", np.array([-1], np.int64))
+            sums = self.node("ReduceSum", [self.node("Reshape", [x, shape], name + ".x_blocks")[0], axes],
+                             name + ".block_sums", keepdims=0)[0]
+            offset = self.node("MatMul", [sums, self.const(name + ".mins_t", np.ascontiguousarray(w.mins.T))],
+                               name + ".min_term")[0]
+            return self.node("Add", [y, offset], name + ".out")[0]
+        wt = self._float(name + ".weight_t", np.ascontiguousarray(w.T))
+        return self.node("MatMul", [x, wt], name + ".out")[0]
+
+    def embedding(self, ids: str, w: Blocks | np.ndarray, name: str, hidden: int) -> str:
+        if isinstance(w, Blocks):
+            if w.bits != 8:
+                raise NotImplementedError("quantized embeddings are gathered from 8-bit blocks")
+            # Shares the codes initializer with a tied LM head (same name, same bytes).
+            codes = self.const(name + ".qweight", w.packed())
+            scales = self.const(name + ".gather_scales", w.scales[..., None])
+            g = self.node("GatherBlockQuantized", [codes, ids, scales], name + ".blocks",
+                          MS_DOMAIN, bits=8, block_size=w.block_size, gather_axis=0, quantize_axis=2)[0]
+            shape = self.const(name + ".shape", np.array([1, -1, hidden], np.int64))
+            return self.node("Reshape", [g, shape], name + ".out")[0]
+        return self.node("Gather", [self._float(name + ".weight", w), ids], name + ".out")[0]
+
+    def _float(self, name: str, w: np.ndarray) -> str:
+        """A float initializer; fp16 ones are stored half-size and cast once at load (constant-folded)."""
+        if w.dtype == np.float16:
+            return self.node("Cast", [self.const(name + ".fp16", w)], name, to=TensorProto.FLOAT)[0]
+        return self.const(name, w)
+
+    def rms_norm(self, x: str, weight: np.ndarray, eps: float, name: str) -> str:
+        return self.node("SimplifiedLayerNormalization", [x, self.const(name + ".weight", weight)], name + ".out",
+                         axis=-1, epsilon=eps, stash_type=1)[0]
+
+    def skip_rms_norm(self, x: str, residual: str, weight: np.ndarray, eps: float, name: str) -> tuple[str, str]:
+        """(norm(x + residual), x + residual) in one fused op."""
+        out, _, _, total = self.node("SkipSimplifiedLayerNormalization",
+                                     [x, residual, self.const(name + ".weight", weight)],
+                                     [name + ".out", "", "", name + ".sum"], MS_DOMAIN, epsilon=eps)
+        return out, total
+
+    def silu_mul(self, gate_up: str, name: str) -> str:
+        gate, up = self.node("Split", [gate_up], [name + ".gate", name + ".up"], axis=-1, num_outputs=2)
+        sig = self.node("Sigmoid", [gate], name + ".sigmoid")[0]
+        act = self.node("Mul", [gate, sig], name + ".silu")[0]
+        return self.node("Mul", [act, up], name + ".out")[0]
+
+    def save(self, folder: Path, stem: str = "model") -> list[str]:
+        """Write stem.onnx + stem.onnx.data; returns the file names written."""
+        graph = helper.make_graph(self.nodes, self.name, self.inputs, self.outputs, self.initializers)
+        model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", OPSET),
+                                                        helper.make_opsetid(MS_DOMAIN, 1)])
+        model.ir_version = 10
+        onnx_name, data_name = stem + ".onnx", stem + ".onnx.data"
+        onnx.save_model(model, os.fspath(folder / onnx_name), save_as_external_data=True,
+                        all_tensors_to_one_file=True, location=data_name, size_threshold=1024)
+        return [onnx_name, data_name]

@@ -1,0 +1,131 @@
+"""The bundle: a directory with manifest.json, the one contract between converter and runtime.
+
+Reading checks the format version, that every path stays inside the bundle and (unless told not
+to) that every file matches its sha256. Writing is atomic: files go to a temporary sibling
+directory that is renamed onto the target only when complete.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import os
+import shutil
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Iterator
+
+from ondevice.errors import BundleError, BundleExistsError
+
+FORMAT = "ondevice-bundle"
+FORMAT_VERSION = 1
+MANIFEST = "manifest.json"
+
+
+@dataclass
+class Bundle:
+    path: Path
+    manifest: dict
+
+    def file(self, name: str) -> Path:
+        return resolve_inside(self.path, name)
+
+    @property
+    def config(self) -> dict:
+        return self.manifest["config"]
+
+    @property
+    def max_context(self) -> int:
+        return int(self.manifest["max_context"])
+
+
+def resolve_inside(root: Path, name: str) -> Path:
+    """root/name, refusing absolute paths and anything that escapes root (.., symlinks)."""
+    if not isinstance(name, str) or not name or os.path.isabs(name) or "\\" in name:
+        raise BundleError(f"manifest names an invalid path {name!r}: bundle paths are plain relative names")
+    root = root.resolve()
+    target = (root / name).resolve()
+    if root not in target.parents:
+        raise BundleError(f"manifest names a path outside the bundle: {name!r}")
+    return target
+
+
+def sha256_file(path: Path, chunk: int = 1 << 22) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while block := f.read(chunk):
+            h.update(block)
+    return h.hexdigest()
+
+
+def read_bundle(path: str | os.PathLike, verify: bool = True) -> Bundle:
+    path = Path(path)
+    manifest_path = path / MANIFEST
+    if not manifest_path.is_file():
+        raise BundleError(f"{path}: not a bundle (no {MANIFEST}); create one with `ondevice convert`")
+    try:
+        manifest = json.loads(manifest_path.read_text())
+    except ValueError as e:
+        raise BundleError(f"{manifest_path}: corrupt manifest ({e}); re-run `ondevice convert`") from e
+    if manifest.get("format") != FORMAT:
+        raise BundleError(f"{path}: manifest is not an {FORMAT} manifest")
+    if manifest.get("format_version") != FORMAT_VERSION:
+        raise BundleError(f"{path}: bundle format version {manifest.get('format_version')} is not supported "
+                          f"by this runtime (it reads version {FORMAT_VERSION}); re-convert the model")
+    files = manifest.get("files") or {}
+    for name, info in files.items():
+        target = resolve_inside(path, name)
+        if not target.is_file():
+            raise BundleError(f"{path}: missing file {name}; the bundle is incomplete, re-convert it")
+        if target.stat().st_size != info["bytes"]:
+            raise BundleError(f"{path}: {name} has {target.stat().st_size} bytes, the manifest says "
+                              f"{info['bytes']}: truncated or modified; re-convert the model")
+        if verify and sha256_file(target) != info["sha256"]:
+            raise BundleError(f"{path}: checksum mismatch for {name}: the file was modified or corrupted; "
+                              "re-convert the model (or pass --no-verify to skip the check)")
+    for name in _referenced_files(manifest):
+        if name not in files:
+            resolve_inside(path, name)
+            raise BundleError(f"{path}: manifest references {name!r} but lists no checksum for it")
+    return Bundle(path, manifest)
+
+
+def _referenced_files(manifest: dict) -> list[str]:
+    names = [manifest.get("tokenizer", {}).get("file")]
+    for backend in manifest.get("backends", {}).values():
+        names += [backend.get("graph"), backend.get("data")]
+    return [n for n in names if n]
+
+
+@contextlib.contextmanager
+def atomic_bundle_dir(target: str | os.PathLike, force: bool = False) -> Iterator[Path]:
+    """Yields a temporary directory next to target; on success it replaces target in one rename."""
+    target = Path(target)
+    if target.exists() and not force:
+        raise BundleExistsError(f"{target} exists; pass --force (force=True) to overwrite it")
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.partial-", dir=target.parent))
+    try:
+        yield tmp
+        if target.exists():
+            old = target.with_name(f".{target.name}.old-{os.getpid()}")
+            os.replace(target, old)
+            os.replace(tmp, target)
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            os.replace(tmp, target)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+
+
+def write_manifest(folder: Path, manifest: dict) -> None:
+    """Fill in the checksums of every file in folder, then write manifest.json."""
+    manifest = dict(manifest, format=FORMAT, format_version=FORMAT_VERSION)
+    manifest["files"] = {
+        p.name: {"bytes": p.stat().st_size, "sha256": sha256_file(p)}
+        for p in sorted(folder.iterdir()) if p.is_file() and p.name != MANIFEST
+    }
+    (folder / MANIFEST).write_text(json.dumps(manifest, indent=2, sort_keys=False) + "\n")

@@ -1,0 +1,216 @@
+"""The model a user holds: prompt -> tokens -> prefill -> decode loop -> text, with timings.
+
+The KV cache survives between calls: a new prompt that starts with the tokens already in the
+cache (the earlier turns of a chat) only prefills what is new.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from typing import Iterator, Sequence, Union
+
+import numpy as np
+
+from ondevice.bundle import Bundle
+from ondevice.errors import ContextOverflowError
+from ondevice.sampling import SamplingParams, sample
+from ondevice.tokenizer import StreamingDetokenizer, load_tokenizer
+
+Message = dict  # {"role": "user" | "assistant" | "system", "content": str}
+Prompt = Union[str, Sequence[Message], Sequence[int]]
+
+
+@dataclass
+class Generation:
+    text: str
+    token_ids: list[int]
+    prompt_tokens: int
+    finish_reason: str  # "stop" (EOS or stop string) | "length"
+    ttft_s: float = 0.0
+    prefill_s: float = 0.0
+    prefill_tokens: int = 0  # tokens actually prefilled (prompt minus the reused cache)
+    decode_s: float = 0.0
+
+    @property
+    def prefill_tok_s(self) -> float:
+        return self.prefill_tokens / self.prefill_s if self.prefill_s else 0.0
+
+    @property
+    def decode_tok_s(self) -> float:
+        n = len(self.token_ids) - 1  # the first token comes from the prefill
+        return n / self.decode_s if n > 0 and self.decode_s else 0.0
+
+    def to_dict(self) -> dict:
+        return {"text": self.text, "token_ids": self.token_ids, "prompt_tokens": self.prompt_tokens,
+                "finish_reason": self.finish_reason, "ttft_s": self.ttft_s,
+                "prefill_tok_s": self.prefill_tok_s, "decode_tok_s": self.decode_tok_s}
+
+
+@dataclass
+class _Run:
+    """State of one generate/stream call, filled in as tokens come."""
+
+    prompt_tokens: int
+    token_ids: list[int] = field(default_factory=list)
+    finish_reason: str = "length"
+    started: float = field(default_factory=time.perf_counter)
+    ttft_s: float = 0.0
+    prefill_s: float = 0.0
+    prefill_tokens: int = 0
+    decode_s: float = 0.0
+
+
+class Model:
+    def __init__(self, bundle: Bundle, backend, load_s: float = 0.0):
+        self.bundle = bundle
+        self.backend = backend
+        self.load_s = load_s
+        self.tokenizer = load_tokenizer(bundle.path)
+        self.eos_token_ids: frozenset[int] = frozenset(self.tokenizer.eos_token_ids)
+        self.defaults: dict = dict(bundle.manifest.get("generation", {}))
+        self.max_context: int = bundle.max_context
+        self._cached: list[int] = []  # token ids whose keys/values are in the KV cache
+
+    # -- prompts ----------------------------------------------------------------------------
+    def encode_prompt(self, prompt: Prompt, raw: bool = False) -> list[int]:
+        """Token ids of a prompt: ids as given, raw text as is, or text/messages via the chat template."""
+        if isinstance(prompt, str):
+            if raw:
+                return self.tokenizer.encode(prompt)
+            prompt = [{"role": "user", "content": prompt}]
+        prompt = list(prompt)
+        if prompt and all(isinstance(t, (int, np.integer)) for t in prompt):
+            return [int(t) for t in prompt]
+        ids = self.tokenizer.encode(self.tokenizer.render_chat(prompt))
+        bos = self.tokenizer.bos_token_id
+        if self.tokenizer.add_bos_token and bos is not None and (not ids or ids[0] != bos):
+            ids.insert(0, bos)
+        return ids
+
+    # -- generation -------------------------------------------------------------------------
+    def generate(self, prompt: Prompt, **options) -> Generation:
+        """Generate a full answer. Options: max_tokens, temperature, top_k, top_p, min_p,
+        repetition_penalty, seed, stop (list of strings), raw (no chat template)."""
+        run, pieces = None, []
+        for piece, run in self._stream(prompt, **options):
+            pieces.append(piece)
+        return Generation(text="".join(pieces), token_ids=run.token_ids, prompt_tokens=run.prompt_tokens,
+                          finish_reason=run.finish_reason, ttft_s=run.ttft_s, prefill_s=run.prefill_s,
+                          prefill_tokens=run.prefill_tokens, decode_s=run.decode_s)
+
+    def stream(self, prompt: Prompt, **options) -> Iterator[str]:
+        """Yield the answer as text pieces as soon as they are complete (never broken UTF-8)."""
+        for piece, _ in self._stream(prompt, **options):
+            if piece:
+                yield piece
+
+    def reset(self) -> None:
+        """Forget the cached conversation (the next prompt is prefilled from scratch)."""
+        self._cached = []
+
+    def _stream(self, prompt: Prompt, *, max_tokens: int | None = None, stop: Sequence[str] = (),
+                raw: bool = False, **sampling) -> Iterator[tuple[str, _Run]]:
+        ids = self.encode_prompt(prompt, raw=raw)
+        if not ids:
+            raise ValueError("the prompt is empty")
+        max_tokens = int(max_tokens if max_tokens is not None else self.defaults.get("max_tokens", 256))
+        self.check_fits(len(ids), max_tokens)
+        params = self.sampling_params(**sampling)
+        run = _Run(prompt_tokens=len(ids))
+        detok = StreamingDetokenizer(self.tokenizer)
+        stops = [s for s in stop if s]
+        text = ""  # generated text not yet handed out (held back while it may start a stop string)
+        for token in self._tokens(ids, max_tokens, params, run):
+            if token in self.eos_token_ids:
+                text += detok.flush()
+                break
+            text += detok.add(token)
+            if stops:
+                cut = min((i for i in (text.find(s) for s in stops) if i >= 0), default=-1)
+                if cut >= 0:
+                    run.finish_reason = "stop"
+                    yield text[:cut], run
+                    return
+                hold = _stop_prefix_len(text, stops)
+                out, text = text[:len(text) - hold], text[len(text) - hold:]
+                yield out, run
+            else:
+                yield text, run
+                text = ""
+        yield text + detok.flush(), run
+
+    def _tokens(self, ids: list[int], max_tokens: int, params: SamplingParams, run: _Run) -> Iterator[int]:
+        """Prefill (reusing the cached prefix), then decode one token at a time."""
+        backend = self.backend
+        reuse = _common_prefix(self._cached, ids)
+        reuse = min(reuse, len(ids) - 1)  # the last prompt token must run to give logits
+        backend.ensure_capacity(len(ids) + max_tokens)
+        self._cached = self._cached[:reuse]
+        t0 = time.perf_counter()
+        logits = backend.forward(ids[reuse:], reuse)[-1]
+        self._cached = list(ids)
+        run.prefill_tokens = len(ids) - reuse
+        run.prefill_s = time.perf_counter() - t0
+        rng = np.random.default_rng(params.seed)
+        seen = np.array(sorted(set(ids)), np.int64) if params.repetition_penalty != 1.0 else None
+        t_decode = time.perf_counter()
+        for i in range(max_tokens):
+            token = sample(logits, params, rng, seen)
+            if i == 0:
+                run.ttft_s = time.perf_counter() - run.started
+                t_decode = time.perf_counter()
+            run.token_ids.append(token)
+            if token in self.eos_token_ids:
+                run.finish_reason = "stop"
+            if seen is not None:
+                seen = np.union1d(seen, [token])
+            yield token
+            if run.finish_reason == "stop" or i == max_tokens - 1:
+                break
+            logits = backend.decode_one(token, len(self._cached))[0]
+            self._cached.append(token)
+            run.decode_s = time.perf_counter() - t_decode
+
+    # -- checks -----------------------------------------------------------------------------
+    def check_fits(self, prompt_tokens: int, max_tokens: int) -> None:
+        if max_tokens < 1:
+            raise ValueError("max_tokens must be at least 1")
+        if prompt_tokens >= self.max_context:
+            raise ContextOverflowError(
+                f"the prompt has {prompt_tokens} tokens but the context holds {self.max_context}: "
+                "shorten the prompt (or re-convert with a larger --context)")
+        if prompt_tokens + max_tokens > self.max_context:
+            raise ContextOverflowError(
+                f"{prompt_tokens} prompt tokens + max_tokens {max_tokens} exceed the context of "
+                f"{self.max_context}: ask for at most {self.max_context - prompt_tokens} new tokens")
+
+    def sampling_params(self, temperature: float | None = None, top_k: int | None = None,
+                        top_p: float | None = None, min_p: float | None = None,
+                        repetition_penalty: float | None = None, seed: int | None = None) -> SamplingParams:
+        d = self.defaults
+        pick = lambda v, k, default: v if v is not None else d.get(k, default)  # noqa: E731
+        return SamplingParams(temperature=float(pick(temperature, "temperature", 0.0)),
+                              top_k=int(pick(top_k, "top_k", 0)), top_p=float(pick(top_p, "top_p", 1.0)),
+                              min_p=float(pick(min_p, "min_p", 0.0)),
+                              repetition_penalty=float(pick(repetition_penalty, "repetition_penalty", 1.0)),
+                              seed=seed)
+
+
+def _common_prefix(a: list[int], b: list[int]) -> int:
+    n = min(len(a), len(b))
+    i = 0
+    while i < n and a[i] == b[i]:
+        i += 1
+    return i
+
+
+def _stop_prefix_len(text: str, stops: list[str]) -> int:
+    """Length of the longest tail of text that is a proper prefix of some stop string."""
+    best = 0
+    for s in stops:
+        for k in range(min(len(s) - 1, len(text)), best, -1):
+            if text.endswith(s[:k]):
+                best = k
+                break
+    return best

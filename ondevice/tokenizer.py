@@ -1,0 +1,225 @@
+"""The runtime tokenizer: encode and decode with `tokenizers`, stream text one token at a time, and
+render chat templates in a jinja2 sandbox. Needs only `tokenizers` and `jinja2`."""
+
+from __future__ import annotations
+
+import functools
+import json
+import os
+from dataclasses import dataclass
+from datetime import datetime
+from pathlib import Path
+
+import tokenizers
+from jinja2.exceptions import SecurityError, TemplateError, TemplateSyntaxError
+from jinja2.ext import loopcontrols
+from jinja2.sandbox import ImmutableSandboxedEnvironment
+
+from ondevice.bundle import MANIFEST, resolve_inside
+from ondevice.errors import BundleError, ChatTemplateError, ModelNotFoundError
+
+# Used when a model ships no chat template.
+CHATML_TEMPLATE = (
+    "{% for message in messages %}"
+    "{{ '<|im_start|>' + message['role'] + '\n' + message['content'] + '<|im_end|>' + '\n' }}"
+    "{% endfor %}"
+    "{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}"
+)
+
+
+@dataclass
+class Tokenizer:
+    backend: tokenizers.Tokenizer
+    bos_token_id: int | None = None
+    eos_token_ids: tuple[int, ...] = ()
+    add_bos_token: bool = False
+    chat_template: str | None = None
+
+    @property
+    def eos_token_id(self) -> int | None:
+        return self.eos_token_ids[0] if self.eos_token_ids else None
+
+    @property
+    def vocab_size(self) -> int:
+        return self.backend.get_vocab_size(with_added_tokens=True)
+
+    def encode(self, text: str, add_special_tokens: bool = False) -> list[int]:
+        """Token ids of text. Special tokens written in the text ("<|im_start|>") are always parsed;
+        add_special_tokens adds what the tokenizer's post-processor adds (BOS when add_bos_token).
+        Rendered chat prompts already carry their BOS, so encode them without it."""
+        return self.backend.encode(text, add_special_tokens=add_special_tokens).ids
+
+    def decode(self, ids: list[int], skip_special_tokens: bool = False) -> str:
+        return self.backend.decode(list(ids), skip_special_tokens=skip_special_tokens)
+
+    def detokenizer(self, skip_special_tokens: bool = False) -> StreamingDetokenizer:
+        return StreamingDetokenizer(self.backend, skip_special_tokens=skip_special_tokens)
+
+    def render_chat(self, messages: list[dict], add_generation_prompt: bool = True, **extra) -> str:
+        """The prompt for messages, from the model's template (ChatML when it has none)."""
+        def text(token_id: int | None) -> str:
+            return (self.backend.id_to_token(token_id) or "") if token_id is not None else ""
+
+        extra.setdefault("bos_token", text(self.bos_token_id))
+        extra.setdefault("eos_token", text(self.eos_token_id))
+        return render_chat(self.chat_template, messages, add_generation_prompt=add_generation_prompt, **extra)
+
+
+def load_tokenizer(path: str | os.PathLike) -> Tokenizer:
+    """A Tokenizer from a bundle folder (manifest.json), a Hugging Face folder, or a tokenizer.json."""
+    path = Path(path)
+    if not path.exists():
+        raise ModelNotFoundError(f"{path}: no such tokenizer file or folder")
+    if (path / MANIFEST).is_file():
+        try:
+            info = json.loads((path / MANIFEST).read_text(encoding="utf-8"))["tokenizer"]
+        except (ValueError, KeyError) as e:
+            raise BundleError(f"{path}: manifest has no readable tokenizer section ({e}); re-convert the model") from e
+        eos = info.get("eos_token_ids") or []
+        return Tokenizer(_read_backend(resolve_inside(path, info.get("file", "tokenizer.json"))),
+                         bos_token_id=info.get("bos_token_id"), eos_token_ids=tuple(eos),
+                         add_bos_token=bool(info.get("add_bos_token", False)),
+                         chat_template=info.get("chat_template"))
+    folder = path if path.is_dir() else path.parent
+    backend = _read_backend(path / "tokenizer.json" if path.is_dir() else path)
+    config = {}
+    if (folder / "tokenizer_config.json").is_file():
+        config = json.loads((folder / "tokenizer_config.json").read_text(encoding="utf-8"))
+
+    def token_id(name: str) -> int | None:
+        token = config.get(name)
+        token = token.get("content") if isinstance(token, dict) else token
+        return backend.token_to_id(token) if isinstance(token, str) else None
+
+    template = config.get("chat_template")
+    if isinstance(template, list):  # named templates: the one called "default"
+        template = next((t.get("template") for t in template if t.get("name") == "default"), None)
+    if template is None and (folder / "chat_template.jinja").is_file():
+        template = (folder / "chat_template.jinja").read_text(encoding="utf-8")
+    eos = token_id("eos_token")
+    return Tokenizer(backend, bos_token_id=token_id("bos_token"), eos_token_ids=() if eos is None else (eos,),
+                     add_bos_token=bool(config.get("add_bos_token", False)), chat_template=template)
+
+
+def _read_backend(file: Path) -> tokenizers.Tokenizer:
+    if not file.is_file():
+        raise BundleError(f"{file}: missing tokenizer.json; re-convert the model")
+    try:
+        return tokenizers.Tokenizer.from_file(str(file))
+    except Exception as e:  # tokenizers raises a bare Exception on malformed JSON
+        raise BundleError(f"{file}: not a valid tokenizer.json ({e}); re-convert the model") from e
+
+
+class StreamingDetokenizer:
+    """Turns generated ids into text as they arrive, never emitting half a UTF-8 character.
+
+    Each step decodes only a short window: the ids emitted last (context, so a leading space or
+    byte join is decoded as in the full sequence) plus the ids not yet emitted. Text is released
+    once the window no longer ends in U+FFFD, i.e. once the last character is complete. So the
+    pieces concatenate to decode(all ids), except that a run of more than `max_pending` ids that
+    keeps ending in U+FFFD (invalid bytes) is released as is.
+    """
+
+    def __init__(self, tokenizer: tokenizers.Tokenizer | Tokenizer, skip_special_tokens: bool = False,
+                 max_pending: int = 16):
+        self._backend = tokenizer.backend if isinstance(tokenizer, Tokenizer) else tokenizer
+        self._skip = skip_special_tokens
+        self._special = ({i for i, t in self._backend.get_added_tokens_decoder().items() if t.special}
+                         if skip_special_tokens else set())
+        self._max_pending = max_pending
+        self._ids: list[int] = []  # the window: context ids, then pending ids
+        self._read = 0  # ids[:read] are context, already emitted
+        self._context_text = ""
+
+    def _decode(self, ids: list[int]) -> str:
+        return self._backend.decode(ids, skip_special_tokens=self._skip) if ids else ""
+
+    def add(self, token_id: int) -> str:
+        """The text that token_id completes ("" while a character is still partial)."""
+        if token_id in self._special:
+            # Left out of the window, so its neighbours decode as they do in decode(ids, skip_special_tokens=True).
+            return ""
+        self._ids.append(token_id)
+        text = self._decode(self._ids)
+        if text.endswith("\ufffd") and len(self._ids) - self._read <= self._max_pending:
+            return ""
+        return self._emit(text)
+
+    def flush(self) -> str:
+        """Whatever is still held back, complete or not."""
+        if len(self._ids) == self._read:
+            return ""
+        return self._emit(self._decode(self._ids))
+
+    def _emit(self, text: str) -> str:
+        new = text[len(self._context_text):]
+        self._ids = self._ids[self._read:]
+        self._read = len(self._ids)
+        self._context_text = self._decode(self._ids)
+        return new
+
+
+class _Sandbox(ImmutableSandboxedEnvironment):
+    # `*` and `**` are checked before they run (which also stops jinja folding them at compile time):
+    # "x" * 10**10 or 9**9**9 in a template would otherwise exhaust memory or never finish.
+    intercepted_binops = frozenset({"*", "**"})
+    max_result = 10_000_000
+
+    def call_binop(self, context, operator, left, right):
+        if operator == "**" and isinstance(right, int) and abs(right) > 1024:
+            raise SecurityError(f"exponent {right} is too large for a chat template")
+        if operator == "*":
+            for seq, n in ((left, right), (right, left)):
+                if isinstance(seq, (str, list, tuple)) and isinstance(n, int) and len(seq) * n > self.max_result:
+                    raise SecurityError("chat template builds a sequence that is too long")
+        return super().call_binop(context, operator, left, right)
+
+    def unsafe_undefined(self, obj, attribute):
+        # jinja's default renders a forbidden attribute as empty text; a template reaching for
+        # Python internals is hostile or broken, so it fails instead.
+        raise SecurityError(f"access to attribute {attribute!r} of {type(obj).__name__!r} object is unsafe")
+
+
+class _RaisedByTemplate(TemplateError):
+    pass
+
+
+def _raise_exception(message: str):
+    raise _RaisedByTemplate(message)
+
+
+def _tojson(value, ensure_ascii: bool = False, indent=None, separators=None, sort_keys: bool = False) -> str:
+    # Like transformers: plain json.dumps, not jinja's HTML-escaping tojson.
+    return json.dumps(value, ensure_ascii=ensure_ascii, indent=indent, separators=separators, sort_keys=sort_keys)
+
+
+def _strftime_now(format: str) -> str:
+    return datetime.now().strftime(format)
+
+
+@functools.lru_cache(maxsize=16)
+def _compile(template: str):
+    env = _Sandbox(trim_blocks=True, lstrip_blocks=True, extensions=[loopcontrols])
+    env.filters["tojson"] = _tojson
+    env.globals["raise_exception"] = _raise_exception
+    env.globals["strftime_now"] = _strftime_now
+    return env.from_string(template)
+
+
+def render_chat(template: str | None, messages: list[dict], add_generation_prompt: bool = True,
+                bos_token: str = "", eos_token: str = "", **extra) -> str:
+    """The prompt a chat template makes of messages, rendered as transformers' apply_chat_template
+    does, in jinja2's immutable sandbox. template None means CHATML_TEMPLATE. Any failure of the
+    template, including an attempt to reach Python internals, raises ChatTemplateError."""
+    try:
+        compiled = _compile(CHATML_TEMPLATE if template is None else template)
+        return compiled.render(messages=messages, add_generation_prompt=add_generation_prompt,
+                               bos_token=bos_token, eos_token=eos_token, **extra)
+    except _RaisedByTemplate as e:
+        raise ChatTemplateError(f"the chat template rejected the messages: {e}") from e
+    except TemplateSyntaxError as e:
+        raise ChatTemplateError(f"the chat template is not valid jinja (line {e.lineno}): {e.message}") from e
+    except SecurityError as e:
+        raise ChatTemplateError(f"the chat template did something the sandbox forbids: {e}") from e
+    except Exception as e:  # noqa: BLE001 - the template is untrusted code; any failure is its failure
+        raise ChatTemplateError(f"the chat template failed to render ({type(e).__name__}: {e})") from e

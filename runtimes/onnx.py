@@ -1,0 +1,114 @@
+"""ONNX Runtime backend: one session, a KV cache preallocated and updated in place.
+
+Past and present KV are bound to the same OrtValues (GroupQueryAttention's shared buffer), so a
+step writes its new keys/values into the cache and nothing is copied. The decode step's inputs
+and its logits output are preallocated OrtValues over numpy arrays that are rewritten in place:
+a decode step is one `run_with_iobinding` with no allocation of cache size.
+"""
+
+from __future__ import annotations
+
+import os
+
+import numpy as np
+import onnxruntime as ort
+
+from ondevice.bundle import Bundle
+from ondevice.errors import BundleError, ContextOverflowError
+
+
+def session_options(threads: int | None) -> ort.SessionOptions:
+    opts = ort.SessionOptions()
+    opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+    opts.intra_op_num_threads = threads or min(os.cpu_count() or 1, 4)
+    opts.inter_op_num_threads = 1
+    opts.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
+    return opts
+
+
+class OnnxBackend:
+    """Runs the bundle's decoder graph over T new tokens at a time."""
+
+    def __init__(self, bundle: Bundle, threads: int | None = None, providers: list[str] | None = None,
+                 capacity: int = 256):
+        spec = bundle.manifest["backends"].get("onnx")
+        if spec is None:
+            raise BundleError(f"{bundle.path}: the bundle has no ONNX graph")
+        kv = spec["kv_cache"]
+        self.layers, self.kv_heads, self.head_dim = kv["layers"], kv["num_kv_heads"], kv["head_dim"]
+        self.max_context = bundle.max_context
+        self.vocab_size = int(bundle.config["vocab_size"])
+        try:
+            self.session = ort.InferenceSession(os.fspath(bundle.file(spec["graph"])),
+                                                sess_options=session_options(threads),
+                                                providers=providers or ["CPUExecutionProvider"])
+        except Exception as e:  # ORT raises its own Fail/InvalidGraph types
+            raise BundleError(f"{bundle.path}: ONNX Runtime cannot load the graph: {e}") from e
+        self.capacity = 0
+        self._kv: list[ort.OrtValue] = []
+        # Decode-step buffers: ORT reads and writes these numpy arrays directly.
+        self._ids = np.zeros((1, 1), np.int64)
+        self._seqlens = np.zeros((1,), np.int32)
+        self._total = np.zeros((), np.int32)
+        self._from = np.zeros((1,), np.int64)
+        self._logits = np.zeros((1, 1, self.vocab_size), np.float32)
+        self._decode = self.session.io_binding()
+        self._prefill = self.session.io_binding()
+        for name, arr in (("input_ids", self._ids), ("seqlens_k", self._seqlens),
+                          ("total_sequence_length", self._total), ("logits_from", self._from)):
+            self._decode.bind_ortvalue_input(name, ort.OrtValue.ortvalue_from_numpy(arr))
+        self._decode.bind_ortvalue_output("logits", ort.OrtValue.ortvalue_from_numpy(self._logits))
+        self.ensure_capacity(min(capacity, self.max_context))
+
+    def ensure_capacity(self, needed: int) -> None:
+        """Grow the KV buffers to hold `needed` positions (rare: sized up front, doubled on growth)."""
+        if needed <= self.capacity:
+            return
+        if needed > self.max_context:
+            raise ContextOverflowError(f"{needed} tokens do not fit the context of {self.max_context}")
+        new_cap = min(self.max_context, max(needed, 2 * self.capacity, 64))
+        old, old_cap = self._kv, self.capacity
+        self._kv = []
+        for i in range(2 * self.layers):
+            buf = np.zeros((1, self.kv_heads, new_cap, self.head_dim), np.float32)
+            if old:
+                buf[:, :, :old_cap] = old[i].numpy()
+            self._kv.append(ort.OrtValue.ortvalue_from_numpy(buf))
+        self.capacity = new_cap
+        for binding in (self._decode, self._prefill):
+            for i in range(self.layers):
+                k, v = self._kv[2 * i], self._kv[2 * i + 1]
+                binding.bind_ortvalue_input(f"past_key.{i}", k)
+                binding.bind_ortvalue_input(f"past_value.{i}", v)
+                binding.bind_ortvalue_output(f"present_key.{i}", k)
+                binding.bind_ortvalue_output(f"present_value.{i}", v)
+
+    def forward(self, token_ids: np.ndarray | list[int], past_len: int, all_logits: bool = False) -> np.ndarray:
+        """Run len(token_ids) tokens at positions past_len..; returns logits [L, vocab]
+        (L = 1, the last position, unless all_logits). Writes their KV into the cache."""
+        ids = np.asarray(token_ids, np.int64).reshape(1, -1)
+        t = ids.shape[1]
+        total = past_len + t
+        self.ensure_capacity(total)
+        if t == 1 and not all_logits:
+            return self.decode_one(int(ids[0, 0]), past_len)
+        b = self._prefill
+        b.bind_cpu_input("input_ids", ids)
+        b.bind_cpu_input("seqlens_k", np.array([total - 1], np.int32))
+        b.bind_cpu_input("total_sequence_length", np.array(total, np.int32))
+        b.bind_cpu_input("logits_from", np.array([0 if all_logits else t - 1], np.int64))
+        logits = np.empty((1, t if all_logits else 1, self.vocab_size), np.float32)
+        b.bind_ortvalue_output("logits", ort.OrtValue.ortvalue_from_numpy(logits))
+        self.session.run_with_iobinding(b)
+        return logits[0]
+
+    def decode_one(self, token_id: int, past_len: int) -> np.ndarray:
+        """One token at position past_len; returns a view of the logits buffer [1, vocab]
+        (overwritten by the next step)."""
+        if past_len + 1 > self.capacity:
+            self.ensure_capacity(past_len + 1)
+        self._ids[0, 0] = token_id
+        self._seqlens[0] = past_len
+        self._total[()] = past_len + 1
+        self.session.run_with_iobinding(self._decode)
+        return self._logits[0]
