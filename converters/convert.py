@@ -24,7 +24,7 @@ GENERATION_DEFAULTS = {"temperature": 0.2, "top_k": 0, "top_p": 0.9, "min_p": 0.
 
 
 def convert(source: str | Path, out: str | Path, *, quant: str = "q4", block_size: int = 32,
-            symmetric: bool = False, max_context: int | None = None, accuracy_level: int = 4,
+            symmetric: bool = False, max_context: int | None = None, accuracy_level: int = 0,
             force: bool = False, progress: bool = True) -> Path:
     """Convert a GGUF file or Hugging Face folder (or a model alias) into an ONNX bundle at `out`."""
     spec = QuantSpec(quant, block_size, symmetric)

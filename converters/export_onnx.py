@@ -80,17 +80,27 @@ class GraphBuilder:
         wt = self._float(name + ".weight_t", np.ascontiguousarray(w.T))
         return self.node("MatMul", [x, wt], name + ".out")[0]
 
-    def embedding(self, ids: str, w: Blocks | np.ndarray, name: str, hidden: int) -> str:
+    def embedding(self, ids: str, w: Blocks | np.ndarray, name: str, hidden: int, split: bool = False) -> str:
+        """Rows of w for ids. `split`: w came from split_8bit (rows are [high | low] halves to add)."""
         if isinstance(w, Blocks):
-            if w.bits != 8:
-                raise NotImplementedError("quantized embeddings are gathered from 8-bit blocks")
+            if w.mins is not None:
+                raise NotImplementedError("embeddings with per-block mins are not supported")
             # Shares the codes initializer with a tied LM head (same name, same bytes).
             codes = self.const(name + ".qweight", w.packed())
             scales = self.const(name + ".gather_scales", w.scales[..., None])
-            g = self.node("GatherBlockQuantized", [codes, ids, scales], name + ".blocks",
-                          MS_DOMAIN, bits=8, block_size=w.block_size, gather_axis=0, quantize_axis=2)[0]
-            shape = self.const(name + ".shape", np.array([1, -1, hidden], np.int64))
-            return self.node("Reshape", [g, shape], name + ".out")[0]
+            inputs = [codes, ids, scales]
+            if w.zero_points is not None:
+                # one zero point per byte (low nibble): packing runs along the last axis, of size 1 here
+                inputs.append(self.const(name + ".gather_zero_points", w.zero_points[..., None]))
+            g = self.node("GatherBlockQuantized", inputs, name + ".blocks",
+                          MS_DOMAIN, bits=w.bits, block_size=w.block_size, gather_axis=0, quantize_axis=2)[0]
+            if not split:
+                shape = self.const(name + ".shape", np.array([1, -1, hidden], np.int64))
+                return self.node("Reshape", [g, shape], name + ".out")[0]
+            shape = self.const(name + ".shape", np.array([1, -1, 2, hidden], np.int64))
+            halves = self.node("Reshape", [g, shape], name + ".halves")[0]
+            return self.node("ReduceSum", [halves, self.const(name + ".halves_axis", np.array([2], np.int64))],
+                             name + ".out", keepdims=0)[0]
         return self.node("Gather", [self._float(name + ".weight", w), ids], name + ".out")[0]
 
     def _float(self, name: str, w: np.ndarray) -> str:

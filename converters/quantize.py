@@ -93,6 +93,19 @@ def _with_explicit_zero_points(b: Blocks) -> Blocks:
     return Blocks(b.codes, b.scales, zp, b.bits, b.source, b.mins)
 
 
+def split_8bit(b: Blocks) -> Blocks:
+    """8-bit blocks as 4-bit blocks over a doubled input [x, x], exactly:
+    d*(c - 128) = 16d*(hi - 8) + d*lo with c = 16*hi + lo. ORT's float (exact) MatMulNBits path
+    exists for 4-bit only; this keeps an 8-bit LM head exact there. The first K columns hold
+    the high nibbles, the next K the low ones."""
+    if b.bits != 8 or b.zero_points is not None or b.mins is not None:
+        raise ValueError("split_8bit takes symmetric 8-bit blocks")
+    hi, lo = b.codes >> 4, b.codes & 0x0F
+    zp = np.concatenate([np.full(b.scales.shape, 8, np.uint8), np.zeros(b.scales.shape, np.uint8)], axis=1)
+    return Blocks(np.concatenate([hi, lo], axis=1).astype(np.uint8),
+                  np.concatenate([b.scales * 16, b.scales], axis=1), zp, 4, b.source + ", split in 4-bit halves")
+
+
 # --- GGUF blocks, carried over without loss -------------------------------------------------
 
 def _gguf_fields(t: QTensor, header: list[tuple[str, int]], n_codes_bytes: int):

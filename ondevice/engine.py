@@ -91,7 +91,7 @@ class Model:
     # -- generation -------------------------------------------------------------------------
     def generate(self, prompt: Prompt, **options) -> Generation:
         """Generate a full answer. Options: max_tokens, temperature, top_k, top_p, min_p,
-        repetition_penalty, seed, stop (list of strings), raw (no chat template)."""
+        repetition_penalty, seed, stop (list of strings), raw (no chat template), ignore_eos."""
         run, pieces = None, []
         for piece, run in self._stream(prompt, **options):
             pieces.append(piece)
@@ -110,7 +110,7 @@ class Model:
         self._cached = []
 
     def _stream(self, prompt: Prompt, *, max_tokens: int | None = None, stop: Sequence[str] = (),
-                raw: bool = False, **sampling) -> Iterator[tuple[str, _Run]]:
+                raw: bool = False, ignore_eos: bool = False, **sampling) -> Iterator[tuple[str, _Run]]:
         ids = self.encode_prompt(prompt, raw=raw)
         if not ids:
             raise ValueError("the prompt is empty")
@@ -121,8 +121,9 @@ class Model:
         detok = StreamingDetokenizer(self.tokenizer)
         stops = [s for s in stop if s]
         text = ""  # generated text not yet handed out (held back while it may start a stop string)
-        for token in self._tokens(ids, max_tokens, params, run):
-            if token in self.eos_token_ids:
+        eos = frozenset() if ignore_eos else self.eos_token_ids
+        for token in self._tokens(ids, max_tokens, params, run, eos):
+            if token in eos:
                 text += detok.flush()
                 break
             text += detok.add(token)
@@ -140,7 +141,8 @@ class Model:
                 text = ""
         yield text + detok.flush(), run
 
-    def _tokens(self, ids: list[int], max_tokens: int, params: SamplingParams, run: _Run) -> Iterator[int]:
+    def _tokens(self, ids: list[int], max_tokens: int, params: SamplingParams, run: _Run,
+                eos: frozenset[int]) -> Iterator[int]:
         """Prefill (reusing the cached prefix), then decode one token at a time."""
         backend = self.backend
         reuse = _common_prefix(self._cached, ids)
@@ -161,7 +163,7 @@ class Model:
                 run.ttft_s = time.perf_counter() - run.started
                 t_decode = time.perf_counter()
             run.token_ids.append(token)
-            if token in self.eos_token_ids:
+            if token in eos:
                 run.finish_reason = "stop"
             if seen is not None:
                 seen = np.union1d(seen, [token])

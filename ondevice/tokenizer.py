@@ -116,8 +116,10 @@ class StreamingDetokenizer:
     Each step decodes only a short window: the ids emitted last (context, so a leading space or
     byte join is decoded as in the full sequence) plus the ids not yet emitted. Text is released
     once the window no longer ends in U+FFFD, i.e. once the last character is complete. So the
-    pieces concatenate to decode(all ids), except that a run of more than `max_pending` ids that
-    keeps ending in U+FFFD (invalid bytes) is released as is.
+    pieces concatenate to decode(all ids), with two exceptions, both only for invalid UTF-8: a run
+    of more than `max_pending` ids that keeps ending in U+FFFD is released as is, and `tokenizers`'
+    ByteFallback decoder turns a whole run of <0x..> tokens into U+FFFDs when any byte of it is
+    invalid, which text already released cannot follow.
     """
 
     def __init__(self, tokenizer: tokenizers.Tokenizer | Tokenizer, skip_special_tokens: bool = False,

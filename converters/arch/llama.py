@@ -13,7 +13,7 @@ import numpy as np
 
 from ondevice.converters.canonical import QTensor, Weight
 from ondevice.converters.export_onnx import MS_DOMAIN, GraphBuilder
-from ondevice.converters.quantize import QuantSpec, concat_rows, quantize_linear
+from ondevice.converters.quantize import Blocks, QuantSpec, concat_rows, quantize_linear, split_8bit
 from ondevice.errors import SourceFormatError, UnsupportedArchitectureError
 
 
@@ -166,7 +166,12 @@ def build(g: GraphBuilder, cfg: LlamaConfig, weights: dict[str, Weight], spec: Q
     eps, kv, hd = cfg.rms_norm_eps, cfg.num_kv_heads, cfg.head_dim
 
     embed = linear_weight(["model.embed_tokens.weight"], "embedding", keep_8bit=True)
-    x = g.embedding(ids, embed, "model.embed_tokens", cfg.hidden_size)
+    # In float-compute (exact) mode an 8-bit tied head is split in two 4-bit halves (see split_8bit).
+    split = isinstance(embed, Blocks) and embed.bits == 8 and g.accuracy_level != 4 and cfg.tie_embeddings
+    if split:
+        embed = split_8bit(embed)
+        quant_record["embedding"] = embed.source
+    x = g.embedding(ids, embed, "model.embed_tokens", cfg.hidden_size, split=split)
 
     residual = x
     normed = g.rms_norm(x, _norm(need("model.layers.0.input_layernorm.weight")), eps, "model.layers.0.input_norm")
@@ -201,6 +206,8 @@ def build(g: GraphBuilder, cfg: LlamaConfig, weights: dict[str, Weight], spec: Q
         quant_record["lm_head"] = "tied to embedding"
     else:
         head = linear_weight(["lm_head.weight"], "lm_head", keep_8bit=True)
+    if split:
+        kept = g.node("Concat", [kept, kept], "logits.doubled_input", axis=-1)[0]
     g.linear(kept, head, "model.embed_tokens" if cfg.tie_embeddings else "lm_head")
     g.nodes[-1].output[0] = "logits"
     g.output("logits", "float32", [1, "L", cfg.vocab_size])

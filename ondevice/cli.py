@@ -1,0 +1,287 @@
+"""The `ondevice` command: convert, run, chat, bench, inspect, verify, perplexity."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+
+from ondevice.errors import OndeviceError
+
+
+def _load(args):
+    import ondevice
+
+    return ondevice.load(args.bundle, threads=args.threads, verify=not args.no_verify)
+
+
+def _sampling(args) -> dict:
+    opts = {"max_tokens": args.max_tokens, "temperature": args.temperature, "top_k": args.top_k,
+            "top_p": args.top_p, "min_p": args.min_p, "repetition_penalty": args.repetition_penalty,
+            "seed": args.seed}
+    return {k: v for k, v in opts.items() if v is not None}
+
+
+def cmd_convert(args) -> int:
+    from ondevice.converters.convert import convert
+
+    t = time.perf_counter()
+    out = convert(args.source, args.out, quant=args.quant, block_size=args.block_size,
+                  symmetric=args.symmetric, max_context=args.context, accuracy_level=args.accuracy_level,
+                  force=args.force, progress=not args.quiet)
+    size = sum(p.stat().st_size for p in Path(out).iterdir()) / 1e6
+    print(f"wrote {out} ({size:.1f} MB) in {time.perf_counter() - t:.1f} s", file=sys.stderr)
+    return 0
+
+
+def cmd_run(args) -> int:
+    if args.prompt_file:
+        prompt = Path(args.prompt_file).read_text(encoding="utf-8")
+    elif args.prompt is not None:
+        prompt = args.prompt
+    else:
+        prompt = sys.stdin.read()
+    model = _load(args)
+    opts = dict(_sampling(args), raw=args.raw, stop=args.stop or ())
+    if args.json:
+        g = model.generate(prompt, **opts)
+        print(json.dumps(dict(g.to_dict(), load_s=model.load_s), ensure_ascii=False))
+        return 0
+    for piece in model.stream(prompt, **opts):
+        sys.stdout.write(piece)
+        sys.stdout.flush()
+    sys.stdout.write("\n")
+    return 0
+
+
+def cmd_chat(args) -> int:
+    model = _load(args)
+    messages: list[dict] = []
+    if args.system:
+        messages.append({"role": "system", "content": args.system})
+    interactive = sys.stdin.isatty()
+    if interactive:
+        print("Chat with the model. /reset starts over, /exit (or Ctrl-D) quits.", file=sys.stderr)
+    while True:
+        if interactive:
+            sys.stderr.write("> ")
+            sys.stderr.flush()
+        line = sys.stdin.readline()
+        if not line or line.strip() == "/exit":
+            return 0
+        line = line.rstrip("\n")
+        if line.strip() == "/reset":
+            messages = messages[:1] if args.system else []
+            model.reset()
+            continue
+        if not line.strip():
+            continue
+        messages.append({"role": "user", "content": line})
+        pieces = []
+        try:
+            for piece in model.stream(messages, **_sampling(args)):
+                pieces.append(piece)
+                sys.stdout.write(piece)
+                sys.stdout.flush()
+        except OndeviceError as e:  # e.g. the conversation outgrew the context
+            messages.pop()
+            print(f"\nerror: {e} (use /reset to start a new conversation)", file=sys.stderr)
+            continue
+        sys.stdout.write("\n")
+        sys.stdout.flush()
+        messages.append({"role": "assistant", "content": "".join(pieces)})
+
+
+def cmd_bench(args) -> int:
+    import ondevice
+    from ondevice.evaluate import benchmark
+
+    model = _load(args)
+    results = benchmark(model, prompt_lengths=args.prompt_lengths, decode_tokens=args.decode_tokens,
+                        repeats=args.repeat,
+                        load=lambda: ondevice.load(args.bundle, threads=args.threads, verify=not args.no_verify))
+    if args.json:
+        print(json.dumps(results))
+    else:
+        print(format_bench(results))
+    if args.plot:
+        plot_bench(results, args.plot)
+    return 0
+
+
+def format_bench(r: dict) -> str:
+    fmt = lambda s, unit: f"{s['median']:.3f} {unit} (min {s['min']:.3f}, max {s['max']:.3f})"  # noqa: E731
+    lines = []
+    if "load_s" in r:
+        lines.append(f"load            {fmt(r['load_s'], 's')}")
+    for n, s in r["prefill_tok_s"].items():
+        lines.append(f"prefill {n:>5}   {fmt(s, 'tok/s')}")
+    lines.append(f"decode          {fmt(r['decode_tok_s'], 'tok/s')} over {r['decode_tokens']} tokens")
+    lines.append(f"ttft (128 tok)  {fmt(r['ttft_s'], 's')}")
+    lines.append(f"peak RSS        {r['peak_rss_mb']:.0f} MB   ({r['repeats']} runs each, median)")
+    return "\n".join(lines)
+
+
+def plot_bench(results: dict, out: str, others: dict[str, dict] | None = None) -> None:
+    """Bar charts of prefill and decode tok/s; `others` adds engines side by side."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError as e:
+        raise OndeviceError("--plot needs matplotlib: pip install 'ondevice[plot]'") from e
+    engines = {"ondevice": results, **(others or {})}
+    metrics = [f"prefill {n}" for n in results["prefill_tok_s"]] + ["decode"]
+    fig, ax = plt.subplots(figsize=(8, 4))
+    width = 0.8 / len(engines)
+    for i, (name, r) in enumerate(engines.items()):
+        vals = [r.get("prefill_tok_s", {}).get(m.split()[1], {}).get("median", 0) for m in metrics[:-1]]
+        vals.append(r.get("decode_tok_s", {}).get("median", 0))
+        ax.bar([j + i * width for j in range(len(metrics))], vals, width, label=name)
+    ax.set_xticks([j + width * (len(engines) - 1) / 2 for j in range(len(metrics))], metrics)
+    ax.set_ylabel("tokens / s")
+    ax.legend()
+    ax.set_title("ondevice bench")
+    fig.tight_layout()
+    fig.savefig(out, dpi=120)
+
+
+def cmd_inspect(args) -> int:
+    from ondevice.bundle import read_bundle
+
+    bundle = read_bundle(args.bundle, verify=False)
+    m = bundle.manifest
+    if args.json:
+        print(json.dumps(m, indent=2))
+        return 0
+    c, q = m["config"], m["quantization"]
+    print(f"bundle        {bundle.path}")
+    print(f"architecture  {m['architecture']}  ({c['num_layers']} layers, hidden {c['hidden_size']}, "
+          f"heads {c['num_heads']}/{c['num_kv_heads']}, vocab {c['vocab_size']})")
+    print(f"context       {m['max_context']}")
+    print(f"quantization  {q['mode']} g{q['block_size']} accuracy_level {q['accuracy_level']}")
+    for group, how in q["tensors"].items():
+        print(f"  {group:<16} {how}")
+    print(f"source        {m['source'].get('format')} {m['source'].get('file') or m['source'].get('folder')}")
+    print("files")
+    for name, info in m["files"].items():
+        print(f"  {name:<20} {info['bytes'] / 1e6:9.2f} MB  sha256 {info['sha256'][:16]}…")
+    return 0
+
+
+def cmd_verify(args) -> int:
+    from ondevice.bundle import read_bundle
+
+    t = time.perf_counter()
+    bundle = read_bundle(args.bundle, verify=True)
+    print(f"{bundle.path}: OK ({len(bundle.manifest['files'])} files, checksums match, "
+          f"{time.perf_counter() - t:.2f} s)")
+    return 0
+
+
+def cmd_perplexity(args) -> int:
+    from ondevice.evaluate import perplexity
+
+    model = _load(args)
+    ids = model.tokenizer.encode(Path(args.file).read_text(encoding="utf-8"))
+    result = perplexity(model, ids, window=args.window)
+    if args.json:
+        print(json.dumps(result))
+    else:
+        print(f"perplexity {result['perplexity']:.3f} over {result['tokens']} tokens (window {args.window})")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="ondevice", description="Run LLMs on phones and laptops.")
+    sub = p.add_subparsers(dest="command", required=True)
+
+    c = sub.add_parser("convert", help="GGUF file / HF folder / model alias -> bundle")
+    c.add_argument("source", help="a .gguf file, a Hugging Face folder, or an alias (smollm2-135m)")
+    c.add_argument("out", help="the bundle directory to write")
+    c.add_argument("--quant", default="q4", choices=["q4", "q8", "fp16", "fp32"])
+    c.add_argument("--block-size", type=int, default=32, help="quantization group size (default 32)")
+    c.add_argument("--symmetric", action="store_true", help="symmetric (no zero point) re-quantization")
+    c.add_argument("--context", type=int, default=None, help="max context (default: the model's)")
+    c.add_argument("--accuracy-level", type=int, default=0, choices=[0, 1, 4],
+                   help="MatMulNBits compute: 0 = float (exact, default), 4 = int8 activations (faster)")
+    c.add_argument("--force", action="store_true", help="overwrite an existing bundle")
+    c.add_argument("--quiet", action="store_true", help="no progress bar")
+    c.set_defaults(func=cmd_convert)
+
+    def model_args(sp, sampling=True):
+        sp.add_argument("bundle")
+        sp.add_argument("--threads", type=int, default=None)
+        sp.add_argument("--no-verify", action="store_true", help="skip the sha256 check of the bundle")
+        if sampling:
+            sp.add_argument("--max-tokens", type=int, default=None)
+            sp.add_argument("--temperature", type=float, default=None)
+            sp.add_argument("--top-k", type=int, default=None)
+            sp.add_argument("--top-p", type=float, default=None)
+            sp.add_argument("--min-p", type=float, default=None)
+            sp.add_argument("--repetition-penalty", type=float, default=None)
+            sp.add_argument("--seed", type=int, default=None)
+
+    r = sub.add_parser("run", help="generate from one prompt (streams text, or --json)")
+    model_args(r)
+    r.add_argument("prompt", nargs="?")
+    r.add_argument("--prompt-file")
+    r.add_argument("--raw", action="store_true", help="tokenize the prompt as is: no chat template, no BOS")
+    r.add_argument("--stop", action="append", help="stop string (repeatable)")
+    r.add_argument("--json", action="store_true")
+    r.set_defaults(func=cmd_run)
+
+    ch = sub.add_parser("chat", help="interactive chat, streaming, keeps the KV cache between turns")
+    model_args(ch)
+    ch.add_argument("--system", default=None, help="system prompt")
+    ch.set_defaults(func=cmd_chat)
+
+    b = sub.add_parser("bench", help="load time, prefill and decode speed, TTFT, peak RSS")
+    model_args(b, sampling=False)
+    b.add_argument("--repeat", type=int, default=3)
+    b.add_argument("--prompt-lengths", type=int, nargs="+", default=[128, 512, 1024])
+    b.add_argument("--decode-tokens", type=int, default=128)
+    b.add_argument("--json", action="store_true")
+    b.add_argument("--plot", help="write a chart of the figures to this PNG (needs matplotlib)")
+    b.set_defaults(func=cmd_bench)
+
+    i = sub.add_parser("inspect", help="what a bundle holds")
+    i.add_argument("bundle")
+    i.add_argument("--json", action="store_true")
+    i.set_defaults(func=cmd_inspect)
+
+    v = sub.add_parser("verify", help="check a bundle's files against their checksums")
+    v.add_argument("bundle")
+    v.set_defaults(func=cmd_verify)
+
+    pp = sub.add_parser("perplexity", help="perplexity of a text file over non-overlapping windows")
+    model_args(pp, sampling=False)
+    pp.add_argument("file")
+    pp.add_argument("--window", type=int, default=512)
+    pp.add_argument("--json", action="store_true")
+    pp.set_defaults(func=cmd_perplexity)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args, extra = parser.parse_known_args(argv)
+    # argparse leaves an optional positional that follows flags (`run B --raw "text"`) unparsed.
+    if getattr(args, "prompt", "") is None and len(extra) == 1 and not extra[0].startswith("-"):
+        args.prompt, extra = extra[0], []
+    if extra:
+        parser.error(f"unrecognized arguments: {' '.join(extra)}")
+    try:
+        return args.func(args)
+    except (OndeviceError, ValueError, FileNotFoundError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())
