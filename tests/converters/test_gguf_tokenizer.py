@@ -260,7 +260,7 @@ def test_an_unknown_tokenizer_model_is_a_source_format_error_naming_it(tmp_path)
 SPM_NORMAL = ["▁", "h", "e", "l", "o", "w", "r", "d", "he", "ll", "llo", "hello", "▁hello", "▁w", "or", "▁wor", "▁▁"]
 
 
-def tiny_sentencepiece(tmp_path: Path, add_space_prefix: bool) -> gguf.GGUFReader:
+def tiny_sentencepiece(tmp_path: Path, add_space_prefix: bool, **flags) -> gguf.GGUFReader:
     """Gemma-like: control specials, byte-fallback tokens, scored pieces, a user-defined token."""
     tokens = ["<pad>", "<eos>", "<bos>", "<unk>"] + [f"<0x{b:02X}>" for b in range(256)] + SPM_NORMAL
     types = [3, 3, 3, 2] + [6] * 256 + [1] * len(SPM_NORMAL)
@@ -268,7 +268,7 @@ def tiny_sentencepiece(tmp_path: Path, add_space_prefix: bool) -> gguf.GGUFReade
     tokens, types, scores = tokens + ["<start_of_turn>", "<mask>"], types + [3, 4], scores + [0.0, 0.0]
     return write_gguf(tmp_path / f"spm{int(add_space_prefix)}.gguf", model="llama", pre="default", tokens=tokens,
                       types=types, scores=scores, bos_token_id=2, eos_token_id=1, unk_token_id=3,
-                      pad_token_id=0, add_bos_token=True, add_space_prefix=add_space_prefix)
+                      pad_token_id=0, add_bos_token=True, add_space_prefix=add_space_prefix, **flags)
 
 
 def reference_spm(text: str, vocab: dict[str, int], scores: list[float], add_space_prefix: bool) -> list[int]:
@@ -299,6 +299,21 @@ def test_sentencepiece_gguf_encodes_like_llama_cpps_spm_algorithm(tmp_path, add_
         ids = encode(tok, text)
         assert ids == reference_spm(text, vocab, scores, add_space_prefix), text
         assert tok.decode(ids) == text
+
+
+@pytest.mark.parametrize("add_space_prefix", [False, True])
+def test_sentencepiece_gguf_matches_llama_cpp_live_when_installed(tmp_path, add_space_prefix):
+    llama_cpp = pytest.importorskip("llama_cpp")
+    # The least llama.cpp needs to load a vocabulary from a "llama" GGUF without tensors.
+    hparams = dict(context_length=128, embedding_length=8, block_count=1, feed_forward_length=8, head_count=1,
+                   head_count_kv=1, layer_norm_rms_eps=1e-5, rope_dimension_count=8)
+    reader = tiny_sentencepiece(tmp_path, add_space_prefix, **hparams)
+    ref = llama_cpp.Llama(model_path=str(reader.data.filename), vocab_only=True, verbose=False)
+    tok = Tokenizer.from_str(tokenizer_json_from_gguf(reader))
+    for text in ["hello world", " hello  world\n", "héllo 🙂<start_of_turn>hello <mask>x", "dhello<eos>  wor"]:
+        ids = tok.encode(text, add_special_tokens=True).ids
+        assert ids == ref.tokenize(text.encode(), add_bos=True, special=True), text
+        assert tok.decode(ids, skip_special_tokens=False) == ref.detokenize(ids, special=True).decode(), text
 
 
 def test_sentencepiece_gguf_keeps_specials_whole_and_adds_bos(tmp_path):
