@@ -59,6 +59,8 @@ class GraphBuilder:
         """x @ w.T for w [N, K], as MatMulNBits (quantized) or MatMul (float)."""
         if isinstance(w, Blocks):
             n, k = w.shape
+            if w.halves:
+                x = self.node("Concat", [x, x], name + ".doubled_input", axis=-1)[0]
             inputs = [x, self.const(name + ".qweight", w.packed()), self.const(name + ".scales", w.scales)]
             if w.zero_points is not None:
                 inputs.append(self.const(name + ".zero_points", w.packed_zero_points().reshape(-1)))
@@ -80,8 +82,8 @@ class GraphBuilder:
         wt = self._float(name + ".weight_t", np.ascontiguousarray(w.T))
         return self.node("MatMul", [x, wt], name + ".out")[0]
 
-    def embedding(self, ids: str, w: Blocks | np.ndarray, name: str, hidden: int, split: bool = False) -> str:
-        """Rows of w for ids. `split`: w came from split_8bit (rows are [high | low] halves to add)."""
+    def embedding(self, ids: str, w: Blocks | np.ndarray, name: str, hidden: int) -> str:
+        """Rows of w for ids (for split_8bit blocks, the sum of each row's two halves)."""
         if isinstance(w, Blocks):
             if w.mins is not None:
                 raise NotImplementedError("embeddings with per-block mins are not supported")
@@ -94,7 +96,7 @@ class GraphBuilder:
                 inputs.append(self.const(name + ".gather_zero_points", w.zero_points[..., None]))
             g = self.node("GatherBlockQuantized", inputs, name + ".blocks",
                           MS_DOMAIN, bits=w.bits, block_size=w.block_size, gather_axis=0, quantize_axis=2)[0]
-            if not split:
+            if not w.halves:
                 shape = self.const(name + ".shape", np.array([1, -1, hidden], np.int64))
                 return self.node("Reshape", [g, shape], name + ".out")[0]
             shape = self.const(name + ".shape", np.array([1, -1, 2, hidden], np.int64))

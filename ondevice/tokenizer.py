@@ -16,7 +16,7 @@ from jinja2.ext import loopcontrols
 from jinja2.sandbox import ImmutableSandboxedEnvironment
 
 from ondevice.bundle import MANIFEST, resolve_inside
-from ondevice.errors import BundleError, ChatTemplateError, ModelNotFoundError
+from ondevice.errors import BundleError, ChatTemplateError, ModelNotFoundError, SourceFormatError
 
 # Used when a model ships no chat template.
 CHATML_TEMPLATE = (
@@ -84,7 +84,10 @@ def load_tokenizer(path: str | os.PathLike) -> Tokenizer:
     backend = _read_backend(path / "tokenizer.json" if path.is_dir() else path)
     config = {}
     if (folder / "tokenizer_config.json").is_file():
-        config = json.loads((folder / "tokenizer_config.json").read_text(encoding="utf-8"))
+        try:
+            config = json.loads((folder / "tokenizer_config.json").read_text(encoding="utf-8"))
+        except ValueError as e:
+            raise SourceFormatError(f"{folder / 'tokenizer_config.json'}: not valid JSON ({e})") from e
 
     def token_id(name: str) -> int | None:
         token = config.get(name)

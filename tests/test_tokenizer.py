@@ -55,7 +55,8 @@ def stream(backend, ids, **kwargs) -> list[str]:
 
 
 @pytest.mark.parametrize("skip_special_tokens", [False, True])
-def test_streamed_pieces_concatenate_to_the_full_decode_for_emoji_cjk_and_special_tokens(byte_level, skip_special_tokens):
+def test_streamed_pieces_concatenate_to_the_full_decode_for_emoji_cjk_and_special_tokens(byte_level,
+                                                                                          skip_special_tokens):
     ids = byte_level.encode(HARD_TEXT).ids
     assert byte_level.token_to_id("<|end|>") in ids
     pieces = stream(byte_level, ids, skip_special_tokens=skip_special_tokens)
@@ -88,7 +89,8 @@ def test_streaming_equals_full_decode_for_random_byte_level_id_sequences(byte_le
     for _ in range(200):
         ids = [rng.randrange(byte_level.get_vocab_size()) for _ in range(rng.randrange(1, 40))]
         for skip in (False, True):
-            assert "".join(stream(byte_level, ids, skip_special_tokens=skip)) == byte_level.decode(ids, skip_special_tokens=skip)
+            full = byte_level.decode(ids, skip_special_tokens=skip)
+            assert "".join(stream(byte_level, ids, skip_special_tokens=skip)) == full
 
 
 def test_streaming_equals_full_decode_for_random_sentencepiece_text(sentencepiece):
@@ -100,7 +102,8 @@ def test_streaming_equals_full_decode_for_random_sentencepiece_text(sentencepiec
         text = "".join(rng.choice(alphabet) for _ in range(rng.randrange(1, 30)))
         ids = sentencepiece.encode(text, add_special_tokens=False).ids
         for skip in (False, True):
-            assert "".join(stream(sentencepiece, ids, skip_special_tokens=skip)) == sentencepiece.decode(ids, skip_special_tokens=skip)
+            full = sentencepiece.decode(ids, skip_special_tokens=skip)
+            assert "".join(stream(sentencepiece, ids, skip_special_tokens=skip)) == full
 
 
 def test_streaming_decodes_a_short_window_not_the_whole_sequence(byte_level):
@@ -163,13 +166,14 @@ def test_tokenizer_without_a_template_falls_back_to_chatml(byte_level):
     tok = Tokenizer(byte_level)
     assert tok.render_chat([{"role": "user", "content": "Hi"}]) == \
         "<|im_start|>user\nHi<|im_end|>\n<|im_start|>assistant\n"
-    assert render_chat(None, [{"role": "user", "content": "Hi"}]) == render_chat(CHATML_TEMPLATE, [{"role": "user", "content": "Hi"}])
+    messages = [{"role": "user", "content": "Hi"}]
+    assert render_chat(None, messages) == render_chat(CHATML_TEMPLATE, messages)
 
 
 def test_smollm2_template_adds_its_default_system_prompt():
     prompt = render_chat(SMOLLM2_TEMPLATE, [{"role": "user", "content": "What is 2+2?"}])
-    assert prompt == ("<|im_start|>system\nYou are a helpful AI assistant named SmolLM, trained by Hugging Face<|im_end|>\n"
-                      "<|im_start|>user\nWhat is 2+2?<|im_end|>\n<|im_start|>assistant\n")
+    assert prompt == ("<|im_start|>system\nYou are a helpful AI assistant named SmolLM, "
+                      "trained by Hugging Face<|im_end|>\n<|im_start|>user\nWhat is 2+2?<|im_end|>\n<|im_start|>assistant\n")
 
 
 def test_smollm2_template_keeps_a_given_system_prompt_and_can_omit_the_generation_prompt():
@@ -190,7 +194,8 @@ def test_templates_get_the_helpers_transformers_provides():
 
 
 def test_raise_exception_in_a_template_becomes_chat_template_error():
-    template = "{% if messages[0]['role'] != 'user' %}{{ raise_exception('Conversation must start with user') }}{% endif %}"
+    template = ("{% if messages[0]['role'] != 'user' %}"
+                "{{ raise_exception('Conversation must start with user') }}{% endif %}")
     with pytest.raises(ChatTemplateError, match="Conversation must start with user"):
         render_chat(template, [{"role": "assistant", "content": "x"}])
 

@@ -148,6 +148,8 @@ def build(g: GraphBuilder, cfg: LlamaConfig, weights: dict[str, Weight], spec: Q
 
     def linear_weight(names: list[str], key: str, keep_8bit: bool = False):
         parts = [quantize_linear(need(n), spec, keep_8bit) for n in names]
+        if g.accuracy_level != 4:  # exact float compute exists for 4-bit blocks only
+            parts = [split_8bit(p) if isinstance(p, Blocks) and p.bits == 8 else p for p in parts]
         if len(parts) == 1:
             w = parts[0]
         elif all(isinstance(p, np.ndarray) for p in parts):
@@ -166,12 +168,7 @@ def build(g: GraphBuilder, cfg: LlamaConfig, weights: dict[str, Weight], spec: Q
     eps, kv, hd = cfg.rms_norm_eps, cfg.num_kv_heads, cfg.head_dim
 
     embed = linear_weight(["model.embed_tokens.weight"], "embedding", keep_8bit=True)
-    # In float-compute (exact) mode an 8-bit tied head is split in two 4-bit halves (see split_8bit).
-    split = isinstance(embed, Blocks) and embed.bits == 8 and g.accuracy_level != 4 and cfg.tie_embeddings
-    if split:
-        embed = split_8bit(embed)
-        quant_record["embedding"] = embed.source
-    x = g.embedding(ids, embed, "model.embed_tokens", cfg.hidden_size, split=split)
+    x = g.embedding(ids, embed, "model.embed_tokens", cfg.hidden_size)
 
     residual = x
     normed = g.rms_norm(x, _norm(need("model.layers.0.input_layernorm.weight")), eps, "model.layers.0.input_norm")
@@ -206,8 +203,6 @@ def build(g: GraphBuilder, cfg: LlamaConfig, weights: dict[str, Weight], spec: Q
         quant_record["lm_head"] = "tied to embedding"
     else:
         head = linear_weight(["lm_head.weight"], "lm_head", keep_8bit=True)
-    if split:
-        kept = g.node("Concat", [kept, kept], "logits.doubled_input", axis=-1)[0]
     g.linear(kept, head, "model.embed_tokens" if cfg.tie_embeddings else "lm_head")
     g.nodes[-1].output[0] = "logits"
     g.output("logits", "float32", [1, "L", cfg.vocab_size])

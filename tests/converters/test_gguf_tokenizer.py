@@ -40,7 +40,7 @@ WHITESPACE_BEFORE_DIGITS = [
 
 def bytes_to_unicode() -> dict[int, str]:
     """GPT-2's byte -> printable character table, which byte-level vocabularies are spelled in."""
-    keep = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) + list(range(ord("®"), ord("ÿ") + 1))
+    keep = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1), *range(ord("®"), ord("ÿ") + 1)]
     table, extra = {}, 0
     for b in range(256):
         if b in keep:
