@@ -69,14 +69,21 @@ def read_bundle(path: str | os.PathLike, verify: bool = True) -> Bundle:
         manifest = json.loads(manifest_path.read_text())
     except ValueError as e:
         raise BundleError(f"{manifest_path}: corrupt manifest ({e}); re-run `ondevice convert`") from e
-    if manifest.get("format") != FORMAT:
+    if not isinstance(manifest, dict) or manifest.get("format") != FORMAT:
         raise BundleError(f"{path}: manifest is not an {FORMAT} manifest")
     if manifest.get("format_version") != FORMAT_VERSION:
         raise BundleError(f"{path}: bundle format version {manifest.get('format_version')} is not supported "
                           f"by this runtime (it reads version {FORMAT_VERSION}); re-convert the model")
+    for key, kind in (("config", dict), ("max_context", int), ("backends", dict), ("tokenizer", dict)):
+        if not isinstance(manifest.get(key), kind):
+            raise BundleError(f"{path}: manifest lacks a valid {key!r} entry; re-convert the model")
     files = manifest.get("files") or {}
+    if not isinstance(files, dict):
+        raise BundleError(f"{path}: manifest 'files' is not a mapping; re-convert the model")
     for name, info in files.items():
         target = resolve_inside(path, name)
+        if not (isinstance(info, dict) and isinstance(info.get("bytes"), int) and isinstance(info.get("sha256"), str)):
+            raise BundleError(f"{path}: manifest entry for {name} lacks its size or sha256; re-convert the model")
         if not target.is_file():
             raise BundleError(f"{path}: missing file {name}; the bundle is incomplete, re-convert it")
         if target.stat().st_size != info["bytes"]:
@@ -109,16 +116,32 @@ def atomic_bundle_dir(target: str | os.PathLike, force: bool = False) -> Iterato
     tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.partial-", dir=target.parent))
     try:
         yield tmp
+        _default_permissions(tmp)
         if target.exists():
             old = target.with_name(f".{target.name}.old-{os.getpid()}")
             os.replace(target, old)
-            os.replace(tmp, target)
+            try:
+                os.replace(tmp, target)
+            except BaseException:
+                os.replace(old, target)  # put the old bundle back
+                raise
             shutil.rmtree(old, ignore_errors=True)
         else:
             os.replace(tmp, target)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
+
+
+def _default_permissions(folder: Path) -> None:
+    """Give the bundle the permissions of an ordinary directory and files (umask applies): mkdtemp makes
+    the directory 0700, and onnx writes the external data file 0600."""
+    umask = os.umask(0)
+    os.umask(umask)
+    os.chmod(folder, 0o777 & ~umask)
+    for p in folder.iterdir():
+        if p.is_file() and not p.is_symlink():
+            os.chmod(p, 0o666 & ~umask)
 
 
 def write_manifest(folder: Path, manifest: dict) -> None:

@@ -276,7 +276,7 @@ def main(argv: list[str] | None = None) -> int:
         parser.error(f"unrecognized arguments: {' '.join(extra)}")
     try:
         return args.func(args)
-    except (OndeviceError, ValueError, FileNotFoundError) as e:
+    except (OndeviceError, ValueError, OSError) as e:  # OSError: a missing or unreadable file, a directory, ...
         print(f"error: {e}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:

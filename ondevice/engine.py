@@ -128,7 +128,7 @@ class Model:
                 break
             text += detok.add(token)
             if stops:
-                cut = min((i for i in (text.find(s) for s in stops) if i >= 0), default=-1)
+                cut = _first_stop(text, stops)
                 if cut >= 0:
                     run.finish_reason = "stop"
                     yield text[:cut], run
@@ -139,7 +139,12 @@ class Model:
             else:
                 yield text, run
                 text = ""
-        yield text + detok.flush(), run
+        text += detok.flush()  # text held back until the end (incomplete UTF-8) is checked for stops too
+        cut = _first_stop(text, stops)
+        if cut >= 0:
+            run.finish_reason = "stop"
+            text = text[:cut]
+        yield text, run
 
     def _tokens(self, ids: list[int], max_tokens: int, params: SamplingParams, run: _Run,
                 eos: frozenset[int]) -> Iterator[int]:
@@ -205,6 +210,11 @@ def _common_prefix(a: list[int], b: list[int]) -> int:
     while i < n and a[i] == b[i]:
         i += 1
     return i
+
+
+def _first_stop(text: str, stops: list[str]) -> int:
+    """Index of the earliest stop string in text, or -1."""
+    return min((i for i in (text.find(s) for s in stops) if i >= 0), default=-1)
 
 
 def _stop_prefix_len(text: str, stops: list[str]) -> int:

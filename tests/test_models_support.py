@@ -120,6 +120,19 @@ def test_quantized_gguf_reference_holds_dequantized_weights(tmp_path):
     assert model.lm_head.weight.data_ptr() == model.model.embed_tokens.weight.data_ptr()
 
 
+@pytest.mark.parametrize("tie", [True, False])
+def test_reference_agrees_with_transformers_own_gguf_loader_on_a_tiny_file(tmp_path, tie):
+    """An independent check of the un-permutation and name mapping (GQA, tied and untied heads)."""
+    from transformers import AutoModelForCausalLM
+
+    path = write_tiny_llama_gguf(tmp_path / "m.gguf", weight_type="Q4_1", tie_embeddings=tie)
+    theirs = AutoModelForCausalLM.from_pretrained(str(tmp_path), gguf_file=path.name, dtype=torch.float32,
+                                                  attn_implementation="eager").eval()
+    ours = reference_model_from_gguf(path)
+    ids = [BOS_ID, 5, 60, 100, 7, 200, 31]
+    np.testing.assert_array_equal(reference_logits(ours, ids), reference_logits(theirs, ids))
+
+
 def test_hf_folder_loads_and_is_the_same_model_as_the_f32_gguf(tmp_path):
     folder = write_tiny_llama_hf(tmp_path / "hf", seed=2, tie_embeddings=True)
     assert {p.name for p in folder.iterdir()} >= {"config.json", "model.safetensors", "tokenizer.json",

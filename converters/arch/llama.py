@@ -65,8 +65,11 @@ def config_from_gguf(meta: dict, weights: dict[str, Weight]) -> LlamaConfig:
 
 
 def config_from_hf(cfg: dict, weights: dict[str, Weight]) -> LlamaConfig:
-    if cfg.get("rope_scaling"):
-        raise UnsupportedArchitectureError("llama with rope_scaling is not supported yet")
+    # transformers >= 5 writes rope settings under rope_parameters; older versions at the top level.
+    rope = cfg.get("rope_parameters") or {}
+    rope_type = rope.get("rope_type") or (cfg.get("rope_scaling") or {}).get("rope_type", "default")
+    if rope_type != "default" or (cfg.get("rope_scaling") and not rope):
+        raise UnsupportedArchitectureError(f"llama with rope type {rope_type!r} is not supported yet")
     heads = int(cfg["num_attention_heads"])
     return LlamaConfig(
         vocab_size=int(cfg["vocab_size"]),
@@ -76,7 +79,7 @@ def config_from_hf(cfg: dict, weights: dict[str, Weight]) -> LlamaConfig:
         num_heads=heads,
         num_kv_heads=int(cfg.get("num_key_value_heads") or heads),
         head_dim=int(cfg.get("head_dim") or cfg["hidden_size"] // heads),
-        rope_theta=float(cfg.get("rope_theta", 10000.0)),
+        rope_theta=float(rope.get("rope_theta", cfg.get("rope_theta", 10000.0))),
         rms_norm_eps=float(cfg.get("rms_norm_eps", 1e-6)),
         max_context=int(cfg.get("max_position_embeddings", 2048)),
         tie_embeddings="lm_head.weight" not in weights or bool(cfg.get("tie_word_embeddings")),

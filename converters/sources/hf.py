@@ -50,12 +50,22 @@ def read_safetensors(path: Path) -> dict[str, np.ndarray]:
     return out
 
 
+def _read_json(path: Path) -> dict:
+    try:
+        value = json.loads(path.read_text(encoding="utf-8"))
+    except ValueError as e:
+        raise SourceFormatError(f"{path}: not valid JSON ({e})") from e
+    if not isinstance(value, dict):
+        raise SourceFormatError(f"{path}: expected a JSON object")
+    return value
+
+
 def read_hf(folder: Path) -> Checkpoint:
     folder = Path(folder)
     config_path = folder / "config.json"
     if not config_path.is_file():
         raise SourceFormatError(f"{folder}: no config.json (is this a Hugging Face model folder?)")
-    config = json.loads(config_path.read_text())
+    config = _read_json(config_path)
     archs = config.get("architectures") or [config.get("model_type", "?")]
     arch = _ARCHITECTURES.get(archs[0], config.get("model_type", archs[0]))
     files = sorted(folder.glob("*.safetensors"))
@@ -69,7 +79,7 @@ def read_hf(folder: Path) -> Checkpoint:
         raise SourceFormatError(f"{folder}: no tokenizer.json")
     tok_config = {}
     if (folder / "tokenizer_config.json").is_file():
-        tok_config = json.loads((folder / "tokenizer_config.json").read_text())
+        tok_config = _read_json(folder / "tokenizer_config.json")
     template = tok_config.get("chat_template")
     if isinstance(template, list):  # named templates: take the default one
         template = next((t["template"] for t in template if t.get("name") == "default"), None)

