@@ -29,7 +29,12 @@ def convert(source: str | Path, out: str | Path, *, quant: str = "q4", block_siz
     """Convert a GGUF file or Hugging Face folder (or a model alias) into an ONNX bundle at `out`."""
     spec = QuantSpec(quant, block_size, symmetric)
     started = time.perf_counter()
-    steps = tqdm(total=4, desc="convert", disable=not progress, unit="step")
+    with tqdm(total=4, desc="convert", disable=not progress, unit="step") as steps:
+        return _convert(source, out, spec, max_context, accuracy_level, force, steps, started)
+
+
+def _convert(source, out, spec: QuantSpec, max_context, accuracy_level, force, steps, started) -> Path:
+    quant = spec.mode
     path = resolve_source(source)
 
     steps.set_postfix_str(f"reading {path.name}")
@@ -72,7 +77,6 @@ def convert(source: str | Path, out: str | Path, *, quant: str = "q4", block_siz
         }
         write_manifest(tmp, manifest)
         steps.update()
-    steps.close()
     return Path(out)
 
 

@@ -112,6 +112,9 @@ def atomic_bundle_dir(target: str | os.PathLike, force: bool = False) -> Iterato
     target = Path(target)
     if target.exists() and not force:
         raise BundleExistsError(f"{target} exists; pass --force (force=True) to overwrite it")
+    if target.exists() and not (target / MANIFEST).is_file() and (not target.is_dir() or any(target.iterdir())):
+        raise BundleExistsError(f"{target} exists and is not a bundle; --force only replaces bundles "
+                                "(or empty directories): choose another output path")
     target.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.partial-", dir=target.parent))
     try:

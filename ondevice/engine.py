@@ -114,8 +114,10 @@ class Model:
         ids = self.encode_prompt(prompt, raw=raw)
         if not ids:
             raise ValueError("the prompt is empty")
-        max_tokens = int(max_tokens if max_tokens is not None else self.defaults.get("max_tokens", 256))
-        self.check_fits(len(ids), max_tokens)
+        if max_tokens is None:  # the default shrinks to what the context still holds; an explicit ask does not
+            max_tokens = max(1, min(int(self.defaults.get("max_tokens", 256)), self.max_context - len(ids)))
+        self.check_fits(len(ids), int(max_tokens))
+        max_tokens = int(max_tokens)
         params = self.sampling_params(**sampling)
         run = _Run(prompt_tokens=len(ids))
         detok = StreamingDetokenizer(self.tokenizer)

@@ -74,7 +74,7 @@ def benchmark(model: Model, prompt_lengths=(128, 512, 1024), decode_tokens: int 
             runs.append(n / (time.perf_counter() - t))
         results["prefill_tok_s"][str(n)] = _summary(runs)
     ttft, decode = [], []
-    ids = bench_prompt(model, 128)
+    ids = bench_prompt(model, min(128, model.max_context - decode_tokens - 1))
     for _ in range(repeats):
         model.reset()
         g = model.generate(ids, max_tokens=decode_tokens, temperature=0.0, ignore_eos=True)

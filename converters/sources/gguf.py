@@ -36,7 +36,7 @@ def open_gguf(path: Path):
     try:
         reader = GGUFReader(path)
     except Exception as e:  # the reader raises ValueError/IndexError/... on damaged headers
-        raise SourceFormatError(f"{path}: corrupt or truncated GGUF header ({type(e).__name__}: {e})") from e
+        raise SourceFormatError(f"{path}: corrupt or truncated GGUF ({type(e).__name__}: {e})") from e
     size = os.path.getsize(path)
     for t in reader.tensors:
         if t.data_offset + t.n_bytes > size:

@@ -197,14 +197,23 @@ def test_an_existing_target_is_left_untouched_without_force(tiny_gguf, tmp_path)
     assert tree(tmp_path) == before
 
 
-def test_force_replaces_an_existing_target_with_a_complete_bundle(tiny_gguf, tmp_path):
+def test_force_replaces_an_existing_bundle_with_a_complete_bundle(tiny_gguf, tmp_path):
     target = tmp_path / "out"
-    target.mkdir()
+    convert(tiny_gguf, target)
     (target / "keep.txt").write_text("old")
     convert(tiny_gguf, target, force=True)
     assert not (target / "keep.txt").exists()
     assert set(read_bundle(target).manifest["files"]) == {"model.onnx", "model.onnx.data", "tokenizer.json"}
     assert sorted(os.listdir(tmp_path)) == ["out"]  # no temporary or old directories left
+
+
+def test_force_refuses_to_replace_a_directory_that_is_not_a_bundle(tiny_gguf, tmp_path):
+    target = tmp_path / "documents"
+    target.mkdir()
+    (target / "thesis.txt").write_text("precious")
+    with pytest.raises(BundleExistsError, match="not a bundle"):
+        convert(tiny_gguf, target, force=True)
+    assert (target / "thesis.txt").read_text() == "precious"
 
 
 def interrupt(*args, **kwargs):
