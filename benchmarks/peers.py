@@ -243,6 +243,30 @@ def synthetic_prompt_ids(gguf_path, n):
     return ids[:n]
 
 
+def _busy_cpu_s():
+    """Non-idle CPU seconds of the whole machine so far (Linux /proc/stat), or None."""
+    try:
+        with open("/proc/stat") as f:
+            v = [int(x) for x in f.readline().split()[1:]]
+        return (sum(v) - v[3] - v[4]) / os.sysconf("SC_CLK_TCK")
+    except (OSError, ValueError):
+        return None
+
+
+def measure_with_contention(fn, *args, **kw):
+    """Run fn and add "others_cores": average cores used by *other* processes meanwhile.
+
+    llama.cpp (OpenMP, 2 threads on 2 cores) is very sensitive to it: another busy process
+    can cut its decode rate several-fold. Treat runs with others_cores > ~0.05 as suspect.
+    """
+    b0, c0, t0 = _busy_cpu_s(), time.process_time(), time.perf_counter()
+    r = fn(*args, **kw)
+    b1, c1, t1 = _busy_cpu_s(), time.process_time(), time.perf_counter()
+    if b0 is not None and b1 is not None:
+        r["others_cores"] = round(max(0.0, (b1 - b0) - (c1 - c0)) / (t1 - t0), 3)
+    return r
+
+
 def main(argv=None):
     import argparse
 
@@ -262,9 +286,10 @@ def main(argv=None):
     out = {"prompt_len": len(prompt), "n_decode": a.n_decode, "threads": a.threads}
     for eng in a.engines.split(","):
         if eng == "llama_cpp":
-            r = llama_cpp_decode(a.gguf, prompt, a.n_decode, a.threads)
+            r = measure_with_contention(llama_cpp_decode, a.gguf, prompt, a.n_decode, a.threads)
         elif eng == "ortgenai":
-            r = ortgenai_decode(a.genai_dir, prompt, a.n_decode, a.threads)
+            r = measure_with_contention(ortgenai_decode, a.genai_dir, prompt, a.n_decode,
+                                        a.threads)
         else:
             raise SystemExit(f"unknown engine {eng}")
         if not a.ids:

@@ -107,7 +107,13 @@ def cmd_bench(args) -> int:
     else:
         print(format_bench(results))
     if args.plot:
-        plot_bench(results, args.plot)
+        others = {}
+        if args.compare:  # figures of other engines, as written by benchmarks/compare.py --json
+            report = json.loads(Path(args.compare).read_text())["report"]
+            others = {name: {"decode_tok_s": {"median": e["decode_tok_s"]},
+                             "prefill_tok_s": {str(report["prompt_len"]): {"median": e["prefill_tok_s"]}}}
+                      for name, e in report["engines"].items()}
+        plot_bench(results, args.plot, others)
     return 0
 
 
@@ -133,7 +139,7 @@ def plot_bench(results: dict, out: str, others: dict[str, dict] | None = None) -
         import matplotlib.pyplot as plt
     except ImportError as e:
         raise OndeviceError("--plot needs matplotlib: pip install 'ondevice[plot]'") from e
-    engines = {"ondevice": results, **(others or {})}
+    engines = {"ondevice bench": results, **(others or {})}
     metrics = [f"prefill {n}" for n in results["prefill_tok_s"]] + ["decode"]
     fig, ax = plt.subplots(figsize=(8, 4))
     width = 0.8 / len(engines)
@@ -246,6 +252,7 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--decode-tokens", type=int, default=128)
     b.add_argument("--json", action="store_true")
     b.add_argument("--plot", help="write a chart of the figures to this PNG (needs matplotlib)")
+    b.add_argument("--compare", help="add the engines of a `benchmarks/compare.py --json` file to the chart")
     b.set_defaults(func=cmd_bench)
 
     i = sub.add_parser("inspect", help="what a bundle holds")

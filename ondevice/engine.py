@@ -14,6 +14,7 @@ import numpy as np
 
 from ondevice.bundle import Bundle
 from ondevice.errors import ContextOverflowError
+from ondevice.runtimes.base import Backend
 from ondevice.sampling import SamplingParams, sample
 from ondevice.tokenizer import StreamingDetokenizer, load_tokenizer
 
@@ -62,7 +63,7 @@ class _Run:
 
 
 class Model:
-    def __init__(self, bundle: Bundle, backend, load_s: float = 0.0):
+    def __init__(self, bundle: Bundle, backend: Backend, load_s: float = 0.0):
         self.bundle = bundle
         self.backend = backend
         self.load_s = load_s
