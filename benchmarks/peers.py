@@ -99,11 +99,11 @@ def prepare_peers(gguf_path: str = DEFAULT_GGUF, force: bool = False) -> Path:
         if force or not (HF_DIR / "config.json").exists():
             t = time.perf_counter()
             gguf_to_hf(gguf_path)
-            print(f"[peers] GGUF -> HF float: {time.perf_counter() - t:.1f} s -> {HF_DIR}")
+            print(f"[peers] GGUF -> HF float: {time.perf_counter() - t:.1f} s -> {HF_DIR}", file=sys.stderr)
         t = time.perf_counter()
         build_genai()
-        print(f"[peers] genai int4 build: {time.perf_counter() - t:.1f} s -> {GENAI_DIR}")
-    print(f"[peers] prepare_peers: {time.perf_counter() - t0:.1f} s")
+        print(f"[peers] genai int4 build: {time.perf_counter() - t:.1f} s -> {GENAI_DIR}", file=sys.stderr)
+    print(f"[peers] prepare_peers: {time.perf_counter() - t0:.1f} s", file=sys.stderr)
     return GENAI_DIR
 
 
