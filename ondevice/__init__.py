@@ -25,14 +25,29 @@ __all__ = ["load", "convert", "Model", "Generation", "OndeviceError", "BundleErr
 
 def load(path: str | os.PathLike, *, threads: int | None = None, verify: bool = True,
          providers: list[str] | None = None) -> Model:
-    """Open a bundle: check it (sha256 of every file unless verify=False) and create the session once."""
-    from ondevice.bundle import read_bundle
+    """Open a bundle: check it (sha256 of every file unless verify=False) and create the session once.
+
+    The checksums are computed in a thread while ONNX Runtime builds its session; the model is
+    handed out only after they all match."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    from ondevice.bundle import read_bundle, verify_checksums
     from ondevice.runtimes.onnx import OnnxBackend
+    from ondevice.tokenizer import load_tokenizer
 
     started = time.perf_counter()
-    bundle = read_bundle(path, verify=verify)
-    backend = OnnxBackend(bundle, threads=threads, providers=providers)
-    return Model(bundle, backend, load_s=time.perf_counter() - started)
+    bundle = read_bundle(path, verify=False)  # structure, paths and sizes; hashes below
+    with ThreadPoolExecutor(max_workers=2) as pool:
+        checked = pool.submit(verify_checksums, bundle) if verify else None
+        tokenizer = pool.submit(load_tokenizer, bundle.path)
+        try:
+            backend = OnnxBackend(bundle, threads=threads, providers=providers)
+        finally:
+            if checked is not None:
+                checked.result()  # raises BundleError on a mismatch, before anything runs
+        model = Model(bundle, backend, tokenizer=tokenizer.result())
+    model.load_s = time.perf_counter() - started
+    return model
 
 
 def convert(source: str | os.PathLike, out: str | os.PathLike, **options) -> Path:

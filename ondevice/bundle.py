@@ -89,14 +89,22 @@ def read_bundle(path: str | os.PathLike, verify: bool = True) -> Bundle:
         if target.stat().st_size != info["bytes"]:
             raise BundleError(f"{path}: {name} has {target.stat().st_size} bytes, the manifest says "
                               f"{info['bytes']}: truncated or modified; re-convert the model")
-        if verify and sha256_file(target) != info["sha256"]:
-            raise BundleError(f"{path}: checksum mismatch for {name}: the file was modified or corrupted; "
-                              "re-convert the model (or pass --no-verify to skip the check)")
     for name in _referenced_files(manifest):
         if name not in files:
             resolve_inside(path, name)
             raise BundleError(f"{path}: manifest references {name!r} but lists no checksum for it")
-    return Bundle(path, manifest)
+    bundle = Bundle(path, manifest)
+    if verify:
+        verify_checksums(bundle)
+    return bundle
+
+
+def verify_checksums(bundle: Bundle) -> None:
+    """sha256 of every file against the manifest (hashlib releases the GIL: this can run in a thread)."""
+    for name, info in bundle.manifest["files"].items():
+        if sha256_file(bundle.file(name)) != info["sha256"]:
+            raise BundleError(f"{bundle.path}: checksum mismatch for {name}: the file was modified or corrupted; "
+                              "re-convert the model (or pass --no-verify to skip the check)")
 
 
 def _referenced_files(manifest: dict) -> list[str]:

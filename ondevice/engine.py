@@ -16,7 +16,7 @@ from ondevice.bundle import Bundle
 from ondevice.errors import ContextOverflowError
 from ondevice.runtimes.base import Backend
 from ondevice.sampling import SamplingParams, sample
-from ondevice.tokenizer import StreamingDetokenizer, load_tokenizer
+from ondevice.tokenizer import StreamingDetokenizer, Tokenizer, load_tokenizer
 
 Message = dict  # {"role": "user" | "assistant" | "system", "content": str}
 Prompt = Union[str, Sequence[Message], Sequence[int]]
@@ -63,11 +63,11 @@ class _Run:
 
 
 class Model:
-    def __init__(self, bundle: Bundle, backend: Backend, load_s: float = 0.0):
+    def __init__(self, bundle: Bundle, backend: Backend, tokenizer: Tokenizer | None = None):
         self.bundle = bundle
         self.backend = backend
-        self.load_s = load_s
-        self.tokenizer = load_tokenizer(bundle.path)
+        self.load_s = 0.0  # set by ondevice.load
+        self.tokenizer = tokenizer or load_tokenizer(bundle.path)
         self.eos_token_ids: frozenset[int] = frozenset(self.tokenizer.eos_token_ids)
         self.defaults: dict = dict(bundle.manifest.get("generation", {}))
         self.max_context: int = bundle.max_context
