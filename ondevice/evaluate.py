@@ -60,8 +60,6 @@ def benchmark(model: Model, prompt_lengths=(128, 512, 1024), decode_tokens: int 
     """Speed figures, each over `repeats` runs: prefill tok/s per prompt length, decode tok/s,
     TTFT of a 128-token prompt; load time if `load` (a no-argument callable) is given; peak RSS."""
     results: dict = {"repeats": repeats}
-    if load is not None:
-        results["load_s"] = _summary([_timed(load) for _ in range(repeats)])
     prompt_lengths = [n for n in prompt_lengths if n + 1 <= model.max_context]
     model.backend.ensure_capacity(max(prompt_lengths + [128]) + decode_tokens)
     results["prefill_tok_s"] = {}
@@ -84,7 +82,10 @@ def benchmark(model: Model, prompt_lengths=(128, 512, 1024), decode_tokens: int 
     results["ttft_s"] = _summary(ttft)
     results["decode_tok_s"] = _summary(decode)
     results["decode_tokens"] = decode_tokens
+    # Peak RSS of this one model through all of the above; the extra loads below would add theirs.
     results["peak_rss_mb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    if load is not None:
+        results["load_s"] = _summary([_timed(load) for _ in range(repeats)])
     return results
 
 
