@@ -2,12 +2,12 @@
 
 from __future__ import annotations
 
-import hashlib
 import os
 from pathlib import Path
 
 import numpy as np
 
+from ondevice.bundle import sha256_file
 from ondevice.converters.canonical import Checkpoint, QTensor
 from ondevice.errors import SourceFormatError
 
@@ -76,17 +76,9 @@ def read_gguf(path: Path) -> Checkpoint:
         chat_template=gguf_tokenizer.chat_template_from_gguf(reader),
         special_tokens=gguf_tokenizer.special_tokens_from_gguf(reader),
         provenance={"format": "gguf", "file": path.name, "bytes": path.stat().st_size,
-                    "sha256": file_sha256(path), "name": meta.get("general.name")},
+                    "sha256": sha256_file(path), "name": meta.get("general.name")},
     )
 
 
 def _bf16_to_f32(data: np.ndarray) -> np.ndarray:
     return (np.asarray(data).view(np.uint16).astype(np.uint32) << 16).view(np.float32)
-
-
-def file_sha256(path: Path, chunk: int = 1 << 22) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while block := f.read(chunk):
-            h.update(block)
-    return h.hexdigest()
