@@ -63,15 +63,22 @@ def cmd_chat(args) -> int:
         messages.append({"role": "system", "content": args.system})
     interactive = sys.stdin.isatty()
     if interactive:
+        import readline  # noqa: F401 - line editing and history for input()
+
         print("Chat with the model. /reset starts over, /exit (or Ctrl-D) quits.", file=sys.stderr)
     while True:
         if interactive:
-            sys.stderr.write("> ")
-            sys.stderr.flush()
-        line = sys.stdin.readline()
-        if not line or line.strip() == "/exit":
+            try:
+                line = input("> ")
+            except EOFError:
+                return 0
+        else:
+            line = sys.stdin.readline()
+            if not line:
+                return 0
+            line = line.rstrip("\n")
+        if line.strip() == "/exit":
             return 0
-        line = line.rstrip("\n")
         if line.strip() == "/reset":
             messages = messages[:1] if args.system else []
             model.reset()
