@@ -153,6 +153,7 @@ def _byte_level_bpe(reader, tokens: list[str]) -> dict:
         if cut < 0:
             raise SourceFormatError(f"GGUF merge {merge!r} is not two tokens separated by a space")
         merges.append([merge[:cut], merge[cut + 1:]])
+    merges = _compact_merges(merges)
     return {
         "normalizer": None,
         "pre_tokenizer": {"type": "Sequence", "pretokenizers": pre_tokenizers},
@@ -161,6 +162,14 @@ def _byte_level_bpe(reader, tokens: list[str]) -> dict:
                   "ignore_merges": ignore_merges, "vocab": _vocab(tokens), "merges": merges},
         "decoder": {"type": "ByteLevel", "add_prefix_space": True, "trim_offsets": True, "use_regex": True},
     }
+
+
+def _compact_merges(pairs: list[list[str]]) -> list:
+    """Merges as "left right" strings when no token holds a space: `tokenizers` then needs about
+    half the memory to load them (SmolLM2: 20 MB instead of 39 MB) than for [left, right] pairs."""
+    if any(" " in token for pair in pairs for token in pair):
+        return pairs
+    return [f"{left} {right}" for left, right in pairs]
 
 
 def _sentencepiece_bpe(reader, tokens: list[str], types: list[int], special: dict) -> dict:
@@ -191,7 +200,7 @@ def _sentencepiece_bpe(reader, tokens: list[str], types: list[int], special: dic
         "model": {"type": "BPE", "dropout": None, "unk_token": special.get("unk_token"),
                   "continuing_subword_prefix": None, "end_of_word_suffix": None, "fuse_unk": True,
                   "byte_fallback": BYTE in types, "ignore_merges": False, "vocab": vocab,
-                  "merges": [[left, right] for *_, left, right in ranked]},
+                  "merges": _compact_merges([[left, right] for *_, left, right in ranked])},
         "decoder": {"type": "Sequence", "decoders": decoders},
     }
 
