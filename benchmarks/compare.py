@@ -39,12 +39,12 @@ def ondevice_run(bundle: str, prompt_ids: list[int], n_decode: int, threads: int
             "decode_tok_s": g.decode_tok_s, "token_ids": g.token_ids}
 
 
-def bundle_for(gguf: str, accuracy_level: int) -> str:
+def bundle_for(gguf: str, compute: str) -> str:
     import ondevice
 
-    out = BUNDLE_CACHE / f"smollm2-acc{accuracy_level}.bundle"
+    out = BUNDLE_CACHE / f"smollm2-{compute}.bundle"
     if not out.exists():
-        ondevice.convert(gguf, out, accuracy_level=accuracy_level, progress=False)
+        ondevice.convert(gguf, out, compute=compute, progress=False)
     return str(out)
 
 
@@ -54,9 +54,9 @@ def one(engine: str, args) -> dict:
 
     prompt = peers.synthetic_prompt_ids(args.gguf, args.prompt_len)
     if engine == "ondevice":
-        return ondevice_run(bundle_for(args.gguf, 0), prompt, args.n_decode, args.threads)
+        return ondevice_run(bundle_for(args.gguf, "float"), prompt, args.n_decode, args.threads)
     if engine == "ondevice-int8":
-        return ondevice_run(bundle_for(args.gguf, 4), prompt, args.n_decode, args.threads)
+        return ondevice_run(bundle_for(args.gguf, "int8"), prompt, args.n_decode, args.threads)
     if engine == "llama.cpp":
         return peers.llama_cpp_decode(args.gguf, prompt, args.n_decode, args.threads)
     if engine == "ortgenai":
@@ -84,7 +84,7 @@ def main(argv=None) -> int:
 
     for e in args.engines:  # build bundles / genai model once, outside the timed runs
         if e.startswith("ondevice"):
-            bundle_for(args.gguf, 4 if e == "ondevice-int8" else 0)
+            bundle_for(args.gguf, "int8" if e == "ondevice-int8" else "float")
     if "ortgenai" in args.engines:
         peers.prepare_peers(args.gguf)
 

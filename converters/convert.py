@@ -19,22 +19,30 @@ from ondevice.errors import SourceFormatError
 CONVERTER_VERSION = "0.1.0"
 # Tokens that end an assistant turn in common chat formats; used as extra stop ids when present.
 _END_OF_TURN = ("<|im_end|>", "<|eot_id|>", "<end_of_turn>", "<|endoftext|>", "</s>")
+COMPUTE_ACCURACY_LEVEL = {"float": 0, "int8": 4}  # -> MatMulNBits accuracy_level
 GENERATION_DEFAULTS = {"temperature": 0.2, "top_k": 0, "top_p": 0.9, "min_p": 0.0,
                        "repetition_penalty": 1.0, "max_tokens": 256}
 
 
 def convert(source: str | Path, out: str | Path, *, quant: str = "q4", block_size: int = 32,
-            symmetric: bool = False, max_context: int | None = None, accuracy_level: int = 0,
+            symmetric: bool = False, max_context: int | None = None, compute: str = "float",
             force: bool = False, progress: bool = True) -> Path:
-    """Convert a GGUF file or Hugging Face folder (or a model alias) into an ONNX bundle at `out`."""
+    """Convert a GGUF file or Hugging Face folder (or a model alias) into an ONNX bundle at `out`.
+
+    compute: "float" (exact: greedy output equals a float reference on the same weights) or "int8"
+    (MatMulNBits quantizes activations to int8, as llama.cpp and onnxruntime-genai do: faster, not exact).
+    """
+    if compute not in COMPUTE_ACCURACY_LEVEL:
+        raise ValueError(f"compute must be one of {', '.join(COMPUTE_ACCURACY_LEVEL)}, not {compute!r}")
     spec = QuantSpec(quant, block_size, symmetric)
     started = time.perf_counter()
     with tqdm(total=4, desc="convert", disable=not progress, unit="step") as steps:
-        return _convert(source, out, spec, max_context, accuracy_level, force, steps, started)
+        return _convert(source, out, spec, max_context, compute, force, steps, started)
 
 
-def _convert(source, out, spec: QuantSpec, max_context, accuracy_level, force, steps, started) -> Path:
+def _convert(source, out, spec: QuantSpec, max_context, compute, force, steps, started) -> Path:
     quant = spec.mode
+    accuracy_level = COMPUTE_ACCURACY_LEVEL[compute]
     path = resolve_source(source)
 
     steps.set_postfix_str(f"reading {path.name}")
@@ -62,7 +70,7 @@ def _convert(source, out, spec: QuantSpec, max_context, accuracy_level, force, s
             "config": cfg.to_dict(),
             "max_context": context,
             "quantization": {"mode": spec.mode, "block_size": spec.block_size, "symmetric": spec.symmetric,
-                             "accuracy_level": accuracy_level, "tensors": quant_record},
+                             "compute": compute, "accuracy_level": accuracy_level, "tensors": quant_record},
             "backends": {"onnx": {
                 "graph": graph_file, "data": data_file,
                 "inputs": g.signature["inputs"], "outputs": g.signature["outputs"],

@@ -29,7 +29,7 @@ def cmd_convert(args) -> int:
 
     t = time.perf_counter()
     out = convert(args.source, args.out, quant=args.quant, block_size=args.block_size,
-                  symmetric=args.symmetric, max_context=args.context, accuracy_level=args.accuracy_level,
+                  symmetric=args.symmetric, max_context=args.context, compute=args.compute,
                   force=args.force, progress=not args.quiet)
     size = sum(p.stat().st_size for p in Path(out).iterdir()) / 1e6
     print(f"wrote {out} ({size:.1f} MB) in {time.perf_counter() - t:.1f} s", file=sys.stderr)
@@ -175,7 +175,8 @@ def cmd_inspect(args) -> int:
     print(f"architecture  {m['architecture']}  ({c['num_layers']} layers, hidden {c['hidden_size']}, "
           f"heads {c['num_heads']}/{c['num_kv_heads']}, vocab {c['vocab_size']})")
     print(f"context       {m['max_context']}")
-    print(f"quantization  {q['mode']} g{q['block_size']} accuracy_level {q['accuracy_level']}")
+    print(f"quantization  {q['mode']} g{q['block_size']}, {q.get('compute', 'float')} compute "
+          f"(MatMulNBits accuracy_level {q['accuracy_level']})")
     for group, how in q["tensors"].items():
         print(f"  {group:<16} {how}")
     print(f"source        {m['source'].get('format')} {m['source'].get('file') or m['source'].get('folder')}")
@@ -219,8 +220,8 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--block-size", type=int, default=32, help="quantization group size (default 32)")
     c.add_argument("--symmetric", action="store_true", help="symmetric (no zero point) re-quantization")
     c.add_argument("--context", type=int, default=None, help="max context (default: the model's)")
-    c.add_argument("--accuracy-level", type=int, default=0, choices=[0, 1, 4],
-                   help="MatMulNBits compute: 0 = float (exact, default), 4 = int8 activations (faster)")
+    c.add_argument("--compute", default="float", choices=["float", "int8"],
+                   help="float: exact, equals a float reference (default); int8: int8 activations, faster")
     c.add_argument("--force", action="store_true", help="overwrite an existing bundle")
     c.add_argument("--quiet", action="store_true", help="no progress bar")
     c.set_defaults(func=cmd_convert)
