@@ -101,3 +101,18 @@ def test_kv_cache_grows_without_changing_results(tmp_path):
     be.ensure_capacity(be.capacity + 1)  # forces a reallocation that keeps the first 40 positions
     assert be.capacity > start_capacity
     assert np.abs(be.forward(ids[40:], 40)[-1] - expected).max() < 1e-4
+
+
+def test_int8_compute_is_close_but_float_compute_is_exact(tmp_path):
+    gguf_path = write_tiny_llama_gguf(tmp_path / "t.gguf", seed=4)
+    ref = reference_logits(reference_model_from_gguf(gguf_path), PROMPT)
+    exact = engine_logits(ondevice.load(ondevice.convert(gguf_path, tmp_path / "f", progress=False)), PROMPT)
+    fast = engine_logits(ondevice.load(ondevice.convert(gguf_path, tmp_path / "i", compute="int8",
+                                                        progress=False)), PROMPT)
+    assert np.abs(exact - ref).max() < 1e-3
+    assert np.corrcoef(fast.ravel(), ref.ravel())[0, 1] > 0.99
+
+
+def test_unknown_compute_mode_is_rejected(tmp_path):
+    with pytest.raises(ValueError, match="compute must be one of"):
+        ondevice.convert(write_tiny_llama_gguf(tmp_path / "t.gguf"), tmp_path / "b", compute="int4")
