@@ -59,15 +59,19 @@ class GraphBuilder:
         """x @ w.T for w [N, K], as MatMulNBits (quantized) or MatMul (float)."""
         if isinstance(w, Blocks):
             n, k = w.shape
-            if w.halves:
-                x = self.node("Concat", [x, x], name + ".doubled_input", axis=-1)[0]
-            inputs = [x, self.const(name + ".qweight", w.packed()), self.const(name + ".scales", w.scales)]
+            # ORT's float kernel exists for 4-bit blocks only; 8-bit ones compute exactly in int8
+            # on the input split into rows that int8 holds without loss (see exact_int8_rows).
+            exact_int8 = w.bits == 8 and self.accuracy_level != 4
+            a = self.exact_int8_rows(x, k, w.block_size, name) if exact_int8 else x
+            inputs = [a, self.const(name + ".qweight", w.packed()), self.const(name + ".scales", w.scales)]
             if w.zero_points is not None:
                 inputs.append(self.const(name + ".zero_points", w.packed_zero_points().reshape(-1)))
-            # 8-bit blocks always compute in int8 (level 4): ORT's float path for them is ~50x slower.
-            level = 4 if w.bits == 8 else self.accuracy_level
+            level = 4 if exact_int8 else self.accuracy_level
             y = self.node("MatMulNBits", inputs, name + ".nbits", MS_DOMAIN, K=k, N=n, bits=w.bits,
                           block_size=w.block_size, accuracy_level=level)[0]
+            if exact_int8:  # add up the rows' partial products
+                y = self.node("ReduceSum", [y, self.const("rows.axis", np.array([0], np.int64))],
+                              name + ".rows_sum", keepdims=1)[0]
             if w.mins is None:
                 return y
             # + sum over each block of x, times that block's min: (blocksum(x) @ mins^T)
@@ -82,8 +86,33 @@ class GraphBuilder:
         wt = self._float(name + ".weight_t", np.ascontiguousarray(w.T))
         return self.node("MatMul", [x, wt], name + ".out")[0]
 
+    def exact_int8_rows(self, x: str, k: int, block: int, name: str, levels: int = 3) -> str:
+        """x [1, T, K] -> [levels, T, K] whose rows add up to x, each block of each row but the last
+        a multiple of its own amax/127: MatMulNBits' int8 path, which quantizes every block of its
+        input with scale amax/127, takes those rows without loss. Only the last row (a residual
+        below 1/127^2 of x's block scale) is rounded, so the product matches float compute to
+        float precision at int8 speed."""
+        shape = self.const(f"blocks.shape.{k // block}x{block}", np.array([0, 0, k // block, block], np.int64))
+        axis = self.const("blocks.axes", np.array([-1], np.int64))
+        c127 = self.const("int8.max", np.array(127.0, np.float32))
+        tiny = self.const("int8.tiny", np.array(1e-30, np.float32))
+        rest = self.node("Reshape", [x, shape], f"{name}.rows_input")[0]
+        rows = []
+        for level in range(levels - 1):
+            p = f"{name}.row{level}"
+            amax = self.node("ReduceMax", [self.node("Abs", [rest], p + ".abs")[0], axis], p + ".amax", keepdims=1)[0]
+            scale = self.node("Max", [self.node("Div", [amax, c127], p + ".scale0")[0], tiny], p + ".scale")[0]
+            q = self.node("Round", [self.node("Div", [rest, scale], p + ".scaled")[0]], p + ".q")[0]
+            row = self.node("Mul", [q, scale], p + ".row")[0]
+            rows.append(row)
+            rest = self.node("Sub", [rest, row], p + ".rest")[0]
+        rows.append(rest)
+        stacked = self.node("Concat", rows, f"{name}.rows_blocks", axis=0)[0]
+        flat = self.const(f"rows.shape.{levels}x{k}", np.array([levels, -1, k], np.int64))
+        return self.node("Reshape", [stacked, flat], f"{name}.rows")[0]
+
     def embedding(self, ids: str, w: Blocks | np.ndarray, name: str, hidden: int) -> str:
-        """Rows of w for ids (for split_8bit blocks, the sum of each row's two halves)."""
+        """Rows of w for ids."""
         if isinstance(w, Blocks):
             if w.mins is not None:
                 raise NotImplementedError("embeddings with per-block mins are not supported")
@@ -96,13 +125,8 @@ class GraphBuilder:
                 inputs.append(self.const(name + ".gather_zero_points", w.zero_points[..., None]))
             g = self.node("GatherBlockQuantized", inputs, name + ".blocks",
                           MS_DOMAIN, bits=w.bits, block_size=w.block_size, gather_axis=0, quantize_axis=2)[0]
-            if not w.halves:
-                shape = self.const(name + ".shape", np.array([1, -1, hidden], np.int64))
-                return self.node("Reshape", [g, shape], name + ".out")[0]
-            shape = self.const(name + ".shape", np.array([1, -1, 2, hidden], np.int64))
-            halves = self.node("Reshape", [g, shape], name + ".halves")[0]
-            return self.node("ReduceSum", [halves, self.const(name + ".halves_axis", np.array([2], np.int64))],
-                             name + ".out", keepdims=0)[0]
+            shape = self.const(name + ".shape", np.array([1, -1, hidden], np.int64))
+            return self.node("Reshape", [g, shape], name + ".out")[0]
         return self.node("Gather", [self._float(name + ".weight", w), ids], name + ".out")[0]
 
     def _float(self, name: str, w: np.ndarray) -> str:

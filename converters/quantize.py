@@ -27,7 +27,6 @@ class Blocks:
     bits: int
     source: str  # how the blocks were made: "Q4_1 repacked", "rtn asym g32", ...
     mins: np.ndarray | None = None  # float32 [N, n_blocks] added to every weight of the block
-    halves: bool = False  # made by split_8bit: input is [x, x], the two halves of each row add up
 
     @property
     def shape(self) -> tuple[int, int]:
@@ -69,8 +68,8 @@ class Blocks:
 def concat_rows(parts: list[Blocks]) -> Blocks:
     """Fuse weights that share an input (q|k|v, gate|up) into one MatMulNBits; lossless."""
     first = parts[0]
-    if any(p.bits != first.bits or p.block_size != first.block_size or p.halves != first.halves for p in parts):
-        raise ValueError("cannot fuse blocks of different bit widths, block sizes or layouts")
+    if any(p.bits != first.bits or p.block_size != first.block_size for p in parts):
+        raise ValueError("cannot fuse blocks of different bit widths or block sizes")
     if any((p.zero_points is None) != (first.zero_points is None) for p in parts):
         parts = [_with_explicit_zero_points(p) for p in parts]
     zps = None if parts[0].zero_points is None else np.concatenate([p.zero_points for p in parts])
@@ -84,7 +83,6 @@ def concat_rows(parts: list[Blocks]) -> Blocks:
         bits=first.bits,
         source=" | ".join(sorted({p.source for p in parts})),
         mins=mins,
-        halves=first.halves,
     )
 
 
@@ -93,20 +91,6 @@ def _with_explicit_zero_points(b: Blocks) -> Blocks:
         return b
     zp = np.full(b.scales.shape, 2 ** (b.bits - 1), np.uint8)
     return Blocks(b.codes, b.scales, zp, b.bits, b.source, b.mins)
-
-
-def split_8bit(b: Blocks) -> Blocks:
-    """8-bit blocks as 4-bit blocks over a doubled input [x, x], exactly:
-    d*(c - 128) = 16d*(hi - 8) + d*lo with c = 16*hi + lo. ORT's float (exact) MatMulNBits path
-    exists for 4-bit only; this keeps an 8-bit LM head exact there. The first K columns hold
-    the high nibbles, the next K the low ones."""
-    if b.bits != 8 or b.zero_points is not None or b.mins is not None:
-        raise ValueError("split_8bit takes symmetric 8-bit blocks")
-    hi, lo = b.codes >> 4, b.codes & 0x0F
-    zp = np.concatenate([np.full(b.scales.shape, 8, np.uint8), np.zeros(b.scales.shape, np.uint8)], axis=1)
-    return Blocks(np.concatenate([hi, lo], axis=1).astype(np.uint8),
-                  np.concatenate([b.scales * 16, b.scales], axis=1), zp, 4, b.source + ", split in 4-bit halves",
-                  halves=True)
 
 
 # --- GGUF blocks, carried over without loss -------------------------------------------------

@@ -13,7 +13,7 @@ import numpy as np
 
 from ondevice.converters.canonical import QTensor, Weight
 from ondevice.converters.export_onnx import MS_DOMAIN, GraphBuilder
-from ondevice.converters.quantize import Blocks, QuantSpec, concat_rows, quantize_linear, split_8bit
+from ondevice.converters.quantize import QuantSpec, concat_rows, quantize_linear
 from ondevice.errors import SourceFormatError, UnsupportedArchitectureError
 
 
@@ -151,8 +151,6 @@ def build(g: GraphBuilder, cfg: LlamaConfig, weights: dict[str, Weight], spec: Q
 
     def linear_weight(names: list[str], key: str, keep_8bit: bool = False):
         parts = [quantize_linear(need(n), spec, keep_8bit) for n in names]
-        if g.accuracy_level != 4:  # exact float compute exists for 4-bit blocks only
-            parts = [split_8bit(p) if isinstance(p, Blocks) and p.bits == 8 else p for p in parts]
         if len(parts) == 1:
             w = parts[0]
         elif all(isinstance(p, np.ndarray) for p in parts):

@@ -7,7 +7,7 @@ from gguf.quants import quantize as gguf_quantize
 
 from ondevice.converters.canonical import QTensor
 from ondevice.converters.quantize import (LOSSLESS, Blocks, QuantSpec, concat_rows, quantize_linear,
-                                          quantize_rtn, split_8bit)
+                                          quantize_rtn)
 
 
 def gguf_tensor(kind: str, rows=48, cols=96, seed=0) -> QTensor:
@@ -30,15 +30,6 @@ def test_q4_1_blocks_whose_scale_is_zero_stay_exact():
     qtype = GGMLQuantizationType.Q4_1
     t = QTensor("Q4_1", t.shape, gguf_quantize(w, qtype), int(qtype))
     assert np.array_equal(LOSSLESS["Q4_1"](t).dequantize(), t.dequantize())
-
-
-def test_split_8bit_halves_reproduce_the_8bit_weights_exactly():
-    b8 = LOSSLESS["Q8_0"](gguf_tensor("Q8_0"))
-    halves = split_8bit(b8)
-    n, k = b8.shape
-    w = halves.dequantize()  # [N, 2K]: high halves then low halves
-    assert halves.bits == 4 and halves.shape == (n, 2 * k)
-    assert np.array_equal(w[:, :k] + w[:, k:], b8.dequantize())
 
 
 def test_4bit_codes_pack_two_per_byte_low_nibble_first():
