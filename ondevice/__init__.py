@@ -50,8 +50,16 @@ def load(path: str | os.PathLike, *, threads: int | None = None, verify: bool = 
     return model
 
 
-def convert(source: str | os.PathLike, out: str | os.PathLike, **options) -> Path:
-    """Convert a GGUF file, a Hugging Face folder or a model alias into a bundle (see `ondevice convert -h`)."""
+def convert(source: str | os.PathLike, out: str | os.PathLike, *, quant: str = "q4", block_size: int = 32,
+            symmetric: bool = False, max_context: int | None = None, compute: str = "float",
+            force: bool = False, progress: bool = True) -> Path:
+    """Convert a GGUF file, a Hugging Face folder or a model alias (e.g. "smollm2-135m") into a bundle.
+
+    quant: q4 (default; GGUF 4-bit blocks kept exactly) | q8 | fp16 | fp32; block_size and symmetric
+    apply where weights are re-quantized. compute: "float" (exact) or "int8" (faster). The bundle is
+    written atomically; an existing one is replaced only with force=True.
+    """
     from ondevice.converters.convert import convert as _convert
 
-    return _convert(source, out, **options)
+    return _convert(source, out, quant=quant, block_size=block_size, symmetric=symmetric,
+                    max_context=max_context, compute=compute, force=force, progress=progress)
