@@ -90,19 +90,30 @@ class Model:
         return ids
 
     # -- generation -------------------------------------------------------------------------
-    def generate(self, prompt: Prompt, **options) -> Generation:
-        """Generate a full answer. Options: max_tokens, temperature, top_k, top_p, min_p,
-        repetition_penalty, seed, stop (list of strings), raw (no chat template), ignore_eos."""
+    def generate(self, prompt: Prompt, *, max_tokens: int | None = None, temperature: float | None = None,
+                 top_k: int | None = None, top_p: float | None = None, min_p: float | None = None,
+                 repetition_penalty: float | None = None, seed: int | None = None, stop: Sequence[str] = (),
+                 raw: bool = False, ignore_eos: bool = False) -> Generation:
+        """Generate a full answer. Sampling options left at None take the bundle's defaults
+        (temperature 0 is greedy); `raw` tokenizes a string as is (no chat template, no BOS)."""
         run, pieces = None, []
-        for piece, run in self._stream(prompt, **options):
+        for piece, run in self._stream(prompt, max_tokens=max_tokens, stop=stop, raw=raw, ignore_eos=ignore_eos,
+                                       temperature=temperature, top_k=top_k, top_p=top_p, min_p=min_p,
+                                       repetition_penalty=repetition_penalty, seed=seed):
             pieces.append(piece)
         return Generation(text="".join(pieces), token_ids=run.token_ids, prompt_tokens=run.prompt_tokens,
                           finish_reason=run.finish_reason, ttft_s=run.ttft_s, prefill_s=run.prefill_s,
                           prefill_tokens=run.prefill_tokens, decode_s=run.decode_s)
 
-    def stream(self, prompt: Prompt, **options) -> Iterator[str]:
-        """Yield the answer as text pieces as soon as they are complete (never broken UTF-8)."""
-        for piece, _ in self._stream(prompt, **options):
+    def stream(self, prompt: Prompt, *, max_tokens: int | None = None, temperature: float | None = None,
+               top_k: int | None = None, top_p: float | None = None, min_p: float | None = None,
+               repetition_penalty: float | None = None, seed: int | None = None, stop: Sequence[str] = (),
+               raw: bool = False, ignore_eos: bool = False) -> Iterator[str]:
+        """Yield the answer as text pieces as soon as they are complete (never broken UTF-8);
+        the options are generate()'s."""
+        for piece, _ in self._stream(prompt, max_tokens=max_tokens, stop=stop, raw=raw, ignore_eos=ignore_eos,
+                                     temperature=temperature, top_k=top_k, top_p=top_p, min_p=min_p,
+                                     repetition_penalty=repetition_penalty, seed=seed):
             if piece:
                 yield piece
 
