@@ -123,6 +123,7 @@ class Model:
 
     def _stream(self, prompt: Prompt, *, max_tokens: int | None = None, stop: Sequence[str] = (),
                 raw: bool = False, ignore_eos: bool = False, **sampling) -> Iterator[tuple[str, _Run]]:
+        started = time.perf_counter()  # TTFT counts the template and tokenizer too
         ids = self.encode_prompt(prompt, raw=raw)
         if not ids:
             raise ValueError("the prompt is empty")
@@ -131,7 +132,7 @@ class Model:
         self.check_fits(len(ids), int(max_tokens))
         max_tokens = int(max_tokens)
         params = self.sampling_params(**sampling)
-        run = _Run(prompt_tokens=len(ids))
+        run = _Run(prompt_tokens=len(ids), started=started)
         detok = StreamingDetokenizer(self.tokenizer)
         stops = [s for s in stop if s]
         text = ""  # generated text not yet handed out (held back while it may start a stop string)
