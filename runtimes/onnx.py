@@ -17,6 +17,10 @@ from ondevice.bundle import Bundle
 from ondevice.errors import BundleError, ContextOverflowError
 
 
+# The decoder-graph contract (the manifest lists each graph's inputs and outputs).
+REQUIRED_INPUTS = {"input_ids", "seqlens_k", "total_sequence_length", "logits_from"}
+
+
 def session_options(threads: int | None) -> ort.SessionOptions:
     opts = ort.SessionOptions()
     opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
@@ -35,6 +39,11 @@ class OnnxBackend:
         if spec is None:
             raise BundleError(f"{bundle.path}: the bundle has no ONNX graph")
         kv = spec["kv_cache"]
+        inputs = {i["name"] for i in spec.get("inputs", [])}
+        missing = sorted(REQUIRED_INPUTS - inputs)
+        if missing or not kv.get("shared_past_present"):
+            raise BundleError(f"{bundle.path}: the ONNX graph's signature is not one this runtime drives "
+                              f"(missing inputs {missing}); re-convert the model with this version")
         self.layers, self.kv_heads, self.head_dim = kv["layers"], kv["num_kv_heads"], kv["head_dim"]
         self.max_context = bundle.max_context
         self.vocab_size = int(bundle.config["vocab_size"])
