@@ -96,6 +96,8 @@ def cmd_chat(args) -> int:
             messages.pop()
             print(f"\nerror: {e} (use /reset to start a new conversation)", file=sys.stderr)
             continue
+        except KeyboardInterrupt:  # Ctrl-C stops this answer, not the chat
+            print("\n[stopped]", file=sys.stderr)
         sys.stdout.write("\n")
         sys.stdout.flush()
         messages.append({"role": "assistant", "content": "".join(pieces)})
