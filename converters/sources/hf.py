@@ -13,6 +13,7 @@ from pathlib import Path
 import numpy as np
 
 from ondevice.converters.canonical import Checkpoint
+from ondevice.converters.sources.gguf_tokenizer import chat_template_from_hf, tokenizer_json_from_hf
 from ondevice.errors import SourceFormatError
 
 _DTYPES = {"F32": np.float32, "F16": np.float16, "BF16": np.uint16, "F64": np.float64,
@@ -74,17 +75,9 @@ def read_hf(folder: Path) -> Checkpoint:
     weights = {}
     for f in files:
         weights.update(read_safetensors(f))
-    tok_path = folder / "tokenizer.json"
-    if not tok_path.is_file():
-        raise SourceFormatError(f"{folder}: no tokenizer.json")
     tok_config = {}
     if (folder / "tokenizer_config.json").is_file():
         tok_config = _read_json(folder / "tokenizer_config.json")
-    template = tok_config.get("chat_template")
-    if isinstance(template, list):  # named templates: take the default one
-        template = next((t["template"] for t in template if t.get("name") == "default"), None)
-    if template is None and (folder / "chat_template.jinja").is_file():
-        template = (folder / "chat_template.jinja").read_text()
     special = {k: tok_config[k] for k in ("bos_token", "eos_token", "pad_token", "unk_token")
                if isinstance(tok_config.get(k), str)}
     special["add_bos_token"] = bool(tok_config.get("add_bos_token", False))
@@ -92,8 +85,8 @@ def read_hf(folder: Path) -> Checkpoint:
         architecture=arch,
         metadata=config,
         weights=weights,
-        tokenizer_json=tok_path.read_text(),
-        chat_template=template,
+        tokenizer_json=tokenizer_json_from_hf(folder),
+        chat_template=chat_template_from_hf(folder),
         special_tokens=special,
         provenance={"format": "hf", "folder": folder.name, "files": [f.name for f in files]},
     )
