@@ -53,11 +53,15 @@ class Blocks:
             zp = np.pad(zp, ((0, 0), (0, 1)))
         return (zp[:, 0::2] | (zp[:, 1::2] << 4)).astype(np.uint8)
 
+    def explicit_zero_points(self) -> np.ndarray:
+        """The zero points, with symmetric blocks' implied 2^(bits-1) written out."""
+        if self.zero_points is not None:
+            return self.zero_points
+        return np.full(self.scales.shape, 2 ** (self.bits - 1), np.uint8)
+
     def dequantize(self) -> np.ndarray:
         """Float32 [N, K]: for GGUF sources, bit for bit what gguf/llama.cpp dequantize to."""
-        zp = self.zero_points
-        if zp is None:
-            zp = np.full(self.scales.shape, 2 ** (self.bits - 1), np.uint8)
+        zp = self.explicit_zero_points()
         q = self.codes.astype(np.float32) - zp[..., None].astype(np.float32)
         w = q * self.scales[..., None]
         if self.mins is not None:
@@ -70,9 +74,9 @@ def concat_rows(parts: list[Blocks]) -> Blocks:
     first = parts[0]
     if any(p.bits != first.bits or p.block_size != first.block_size for p in parts):
         raise ValueError("cannot fuse blocks of different bit widths or block sizes")
-    if any((p.zero_points is None) != (first.zero_points is None) for p in parts):
-        parts = [_with_explicit_zero_points(p) for p in parts]
-    zps = None if parts[0].zero_points is None else np.concatenate([p.zero_points for p in parts])
+    zps = None
+    if any(p.zero_points is not None for p in parts):
+        zps = np.concatenate([p.explicit_zero_points() for p in parts])
     mins = None
     if any(p.mins is not None for p in parts):
         mins = np.concatenate([p.mins if p.mins is not None else np.zeros_like(p.scales) for p in parts])
@@ -84,13 +88,6 @@ def concat_rows(parts: list[Blocks]) -> Blocks:
         source=" | ".join(sorted({p.source for p in parts})),
         mins=mins,
     )
-
-
-def _with_explicit_zero_points(b: Blocks) -> Blocks:
-    if b.zero_points is not None:
-        return b
-    zp = np.full(b.scales.shape, 2 ** (b.bits - 1), np.uint8)
-    return Blocks(b.codes, b.scales, zp, b.bits, b.source, b.mins)
 
 
 # --- GGUF blocks, carried over without loss -------------------------------------------------
