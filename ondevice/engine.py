@@ -129,8 +129,8 @@ class Model:
             raise ValueError("the prompt is empty")
         if max_tokens is None:  # the default shrinks to what the context still holds; an explicit ask does not
             max_tokens = max(1, min(int(self.defaults.get("max_tokens", 256)), self.max_context - len(ids)))
-        self.check_fits(len(ids), int(max_tokens))
         max_tokens = int(max_tokens)
+        self.check_fits(len(ids), max_tokens)
         params = self.sampling_params(**sampling)
         run = _Run(prompt_tokens=len(ids), started=started)
         detok = StreamingDetokenizer(self.tokenizer)
@@ -139,7 +139,6 @@ class Model:
         eos = frozenset() if ignore_eos else self.eos_token_ids
         for token in self._tokens(ids, max_tokens, params, run, eos):
             if token in eos:
-                text += detok.flush()
                 break
             text += detok.add(token)
             if stops:

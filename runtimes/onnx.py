@@ -114,8 +114,7 @@ class OnnxBackend:
     def decode_one(self, token_id: int, past_len: int) -> np.ndarray:
         """One token at position past_len; returns a view of the logits buffer [1, vocab]
         (overwritten by the next step)."""
-        if past_len + 1 > self.capacity:
-            self.ensure_capacity(past_len + 1)
+        self.ensure_capacity(past_len + 1)
         self._ids[0, 0] = token_id
         self._seqlens[0] = past_len
         self._total[()] = past_len + 1
