@@ -78,8 +78,12 @@ def read_hf(folder: Path) -> Checkpoint:
     tok_config = {}
     if (folder / "tokenizer_config.json").is_file():
         tok_config = _read_json(folder / "tokenizer_config.json")
-    special = {k: tok_config[k] for k in ("bos_token", "eos_token", "pad_token", "unk_token")
-               if isinstance(tok_config.get(k), str)}
+    special = {}
+    for k in ("bos_token", "eos_token", "pad_token", "unk_token"):
+        token = tok_config.get(k)
+        token = token.get("content") if isinstance(token, dict) else token  # AddedToken form
+        if isinstance(token, str):
+            special[k] = token
     special["add_bos_token"] = bool(tok_config.get("add_bos_token", False))
     return Checkpoint(
         architecture=arch,

@@ -116,3 +116,18 @@ def test_int8_compute_is_close_but_float_compute_is_exact(tmp_path):
 def test_unknown_compute_mode_is_rejected(tmp_path):
     with pytest.raises(ValueError, match="compute must be one of"):
         ondevice.convert(write_tiny_llama_gguf(tmp_path / "t.gguf"), tmp_path / "b", compute="int4")
+
+
+def test_hf_special_tokens_written_as_added_token_objects_are_understood(tmp_path):
+    folder = write_tiny_llama_hf(tmp_path / "hf", seed=5)
+    config_path = folder / "tokenizer_config.json"
+    config = json.loads(config_path.read_text())
+    eos = config["eos_token"]
+    eos = eos["content"] if isinstance(eos, dict) else eos
+    config["eos_token"] = {"content": eos, "lstrip": False, "rstrip": False, "special": True}
+    config_path.write_text(json.dumps(config))
+    out = ondevice.convert(folder, tmp_path / "b", quant="fp32", progress=False)
+    tok = json.loads((out / "manifest.json").read_text())["tokenizer"]
+    vocab = json.loads((folder / "tokenizer.json").read_text())
+    eos_id = next((t["id"] for t in vocab.get("added_tokens", []) if t["content"] == eos), None)
+    assert eos_id is not None and tok["eos_token_ids"][0] == eos_id
