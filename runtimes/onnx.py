@@ -18,7 +18,9 @@ from ondevice.errors import BundleError, ContextOverflowError
 
 
 # The decoder-graph contract (the manifest lists each graph's inputs and outputs).
-REQUIRED_INPUTS = {"input_ids", "seqlens_k", "total_sequence_length", "logits_from"}
+REQUIRED_INPUTS = {"input_ids", "seqlens_k", "total_sequence_length", "logits_from", "position_ids",
+                   "attention_bias"}
+PREFILL_CHUNK = 512  # longer prompts run in chunks: bounds the [T, past + T] attention bias
 
 
 def session_options(threads: int | None) -> ort.SessionOptions:
@@ -54,17 +56,21 @@ class OnnxBackend:
         except Exception as e:  # ORT raises its own Fail/InvalidGraph types
             raise BundleError(f"{bundle.path}: ONNX Runtime cannot load the graph: {e}") from e
         self.capacity = 0
+        self._kv_arrays: list[np.ndarray] = []  # the cache; ORT reads and writes them in place
         self._kv: list[ort.OrtValue] = []
         # Decode-step buffers: ORT reads and writes these numpy arrays directly.
         self._ids = np.zeros((1, 1), np.int64)
         self._seqlens = np.zeros((1,), np.int32)
         self._total = np.zeros((), np.int32)
         self._from = np.zeros((1,), np.int64)
+        self._pos = np.zeros((1, 1), np.int64)
+        self._no_bias = np.zeros((1, 1, 1, 0), np.float32)  # grown with the capacity; a view per step
         self._logits = np.zeros((1, 1, self.vocab_size), np.float32)
         self._decode = self.session.io_binding()
         self._prefill = self.session.io_binding()
         for name, arr in (("input_ids", self._ids), ("seqlens_k", self._seqlens),
-                          ("total_sequence_length", self._total), ("logits_from", self._from)):
+                          ("total_sequence_length", self._total), ("logits_from", self._from),
+                          ("position_ids", self._pos)):
             self._decode.bind_ortvalue_input(name, ort.OrtValue.ortvalue_from_numpy(arr))
         self._decode.bind_ortvalue_output("logits", ort.OrtValue.ortvalue_from_numpy(self._logits))
         self.ensure_capacity(min(capacity, self.max_context))
@@ -76,13 +82,15 @@ class OnnxBackend:
         if needed > self.max_context:
             raise ContextOverflowError(f"{needed} tokens do not fit the context of {self.max_context}")
         new_cap = min(self.max_context, max(needed, 2 * self.capacity, 64))
-        old, old_cap = self._kv, self.capacity
-        self._kv = []
+        old, old_cap = self._kv_arrays, self.capacity
+        self._kv_arrays = []
         for i in range(2 * self.layers):
             buf = np.zeros((1, self.kv_heads, new_cap, self.head_dim), np.float32)
             if old:
-                buf[:, :, :old_cap] = old[i].numpy()
-            self._kv.append(ort.OrtValue.ortvalue_from_numpy(buf))
+                buf[:, :, :old_cap] = old[i][:, :, :old_cap]
+            self._kv_arrays.append(buf)
+        self._kv = [ort.OrtValue.ortvalue_from_numpy(buf) for buf in self._kv_arrays]
+        self._no_bias = np.zeros((1, 1, 1, new_cap), np.float32)
         self.capacity = new_cap
         for binding in (self._decode, self._prefill):
             for i in range(self.layers):
@@ -95,21 +103,56 @@ class OnnxBackend:
     def forward(self, token_ids: np.ndarray | list[int], past_len: int, all_logits: bool = False) -> np.ndarray:
         """Run len(token_ids) tokens at positions past_len..; returns logits [L, vocab]
         (L = 1, the last position, unless all_logits). Writes their KV into the cache."""
-        ids = np.asarray(token_ids, np.int64).reshape(1, -1)
-        t = ids.shape[1]
+        ids = np.asarray(token_ids, np.int64).reshape(-1)
+        t = len(ids)
+        self.ensure_capacity(past_len + t)
+        if t == 1 and not all_logits:
+            return self.decode_one(int(ids[0]), past_len)
+        outs = []
+        for start in range(0, t, PREFILL_CHUNK):
+            chunk = ids[start:start + PREFILL_CHUNK]
+            last = start + len(chunk) == t
+            if all_logits or last:
+                outs.append(self.run(chunk, past_len + start, all_logits=all_logits))
+            else:
+                self.run(chunk, past_len + start, all_logits=False)
+        return outs[0] if len(outs) == 1 else np.concatenate(outs)
+
+    def run(self, token_ids: np.ndarray, past_len: int, positions: np.ndarray | None = None,
+            bias: np.ndarray | None = None, all_logits: bool = True) -> np.ndarray:
+        """One graph call over T tokens written to cache slots past_len..past_len+T-1.
+
+        positions [T] (default: the slots' own positions) and bias [T, past_len + T] (added to the
+        attention scores; default zeros; the graph applies causality by slot on top) let T tree nodes
+        be verified at once: a node's position is its depth, its bias row -inf off its ancestors."""
+        t = len(token_ids)
         total = past_len + t
         self.ensure_capacity(total)
-        if t == 1 and not all_logits:
-            return self.decode_one(int(ids[0, 0]), past_len)
+        if positions is None:
+            positions = np.arange(past_len, total, dtype=np.int64)
+        if bias is None:
+            bias = np.zeros((t, total), np.float32)
         b = self._prefill
-        b.bind_cpu_input("input_ids", ids)
+        b.bind_cpu_input("input_ids", np.asarray(token_ids, np.int64).reshape(1, t))
         b.bind_cpu_input("seqlens_k", np.array([total - 1], np.int32))
         b.bind_cpu_input("total_sequence_length", np.array(total, np.int32))
         b.bind_cpu_input("logits_from", np.array([0 if all_logits else t - 1], np.int64))
+        b.bind_cpu_input("position_ids", np.asarray(positions, np.int64).reshape(1, t))
+        b.bind_cpu_input("attention_bias", np.ascontiguousarray(bias, np.float32).reshape(1, 1, t, total))
         logits = np.empty((1, t if all_logits else 1, self.vocab_size), np.float32)
         b.bind_ortvalue_output("logits", ort.OrtValue.ortvalue_from_numpy(logits))
         self.session.run_with_iobinding(b)
         return logits[0]
+
+    def move_kv(self, src: list[int], dst: list[int]) -> None:
+        """Copy the cache entries of slots src to slots dst (the accepted path of a verified tree);
+        a few positions per layer, in place."""
+        pairs = [(s, d) for s, d in zip(src, dst) if s != d]
+        if not pairs:
+            return
+        s_idx, d_idx = np.array([p[0] for p in pairs]), np.array([p[1] for p in pairs])
+        for buf in self._kv_arrays:
+            buf[:, :, d_idx] = buf[:, :, s_idx]
 
     def decode_one(self, token_id: int, past_len: int) -> np.ndarray:
         """One token at position past_len; returns a view of the logits buffer [1, vocab]
@@ -118,5 +161,7 @@ class OnnxBackend:
         self._ids[0, 0] = token_id
         self._seqlens[0] = past_len
         self._total[()] = past_len + 1
+        self._pos[0, 0] = past_len
+        self._decode.bind_cpu_input("attention_bias", self._no_bias[..., :past_len + 1])
         self.session.run_with_iobinding(self._decode)
         return self._logits[0]
