@@ -397,10 +397,16 @@ def reference_model_from_gguf(path: str | Path, *, attn_implementation: str = "e
 
     Does not use transformers' GGUF loader. A GGUF without output.weight gets a tied LM head.
     """
+    return reference_model_from_state(*gguf_state_dict(path), attn_implementation=attn_implementation)
+
+
+def reference_model_from_state(state: dict[str, np.ndarray], params: dict, *,
+                               attn_implementation: str = "eager") -> LlamaForCausalLM:
+    """fp32 `LlamaForCausalLM` (eval mode) from HF-named numpy weights and `gguf_state_dict`-style
+    hyper-parameters (e.g. with some layers removed and renumbered)."""
     import torch
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    state, params = gguf_state_dict(path)
     config = LlamaConfig(**params, hidden_act="silu", attention_bias=False, mlp_bias=False)
     config._attn_implementation = attn_implementation
     model = LlamaForCausalLM(config).to(torch.float32)
@@ -409,7 +415,7 @@ def reference_model_from_gguf(path: str | Path, *, attn_implementation: str = "e
         tensors["lm_head.weight"] = tensors["model.embed_tokens.weight"]
     missing, unexpected = model.load_state_dict(tensors, strict=False)
     if missing or unexpected:
-        raise ValueError(f"{path}: state dict mismatch: missing {missing}, unexpected {unexpected}")
+        raise ValueError(f"state dict mismatch: missing {missing}, unexpected {unexpected}")
     if config.tie_word_embeddings:
         model.tie_weights()
         assert model.lm_head.weight.data_ptr() == model.model.embed_tokens.weight.data_ptr()

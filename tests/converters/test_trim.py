@@ -1,0 +1,153 @@
+"""Drafts from the converter: layers dropped by a measured criterion, the LM head cut to frequent tokens.
+
+The trimming functions work on canonical weights; the numpy forward that scores layers is checked
+against transformers.
+"""
+
+import dataclasses
+
+import numpy as np
+import pytest
+import torch
+from models import (BOS_ID, EOS_ID, SPECIAL_TOKENS, gguf_state_dict, reference_logits, reference_model_from_state,
+                    tiny_llama_weights, tiny_tokenizer, write_tiny_llama_gguf)
+
+from ondevice.converters import calibrate, trim
+from ondevice.converters.arch import llama
+from ondevice.converters.canonical import QTensor
+from ondevice.converters.sources import read_source
+
+PROMPT = [1, 40, 72, 100, 105, 32, 119, 111, 114, 108, 100, 33, 200, 7, 260, 300]
+N_LAYERS = 4
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _torch_threads():
+    torch.set_num_threads(1)
+
+
+@pytest.fixture(scope="module")
+def deep_gguf(tmp_path_factory):
+    """A tiny random llama with 4 layers (Q4_1 matmuls, tied Q8_0 embedding)."""
+    return write_tiny_llama_gguf(tmp_path_factory.mktemp("deep") / "deep.gguf", n_layer=N_LAYERS, seed=7)
+
+
+def canonical(path):
+    ckpt = read_source(path)
+    cfg = llama.config_from_gguf(ckpt.metadata, ckpt.weights)
+    return llama.canonical_from_gguf(ckpt.weights, cfg), cfg
+
+
+def tiny_config(**changes) -> llama.LlamaConfig:
+    cfg = llama.LlamaConfig(vocab_size=320, hidden_size=64, intermediate_size=128, num_layers=3, num_heads=4,
+                            num_kv_heads=2, head_dim=16, rope_theta=1e5, rms_norm_eps=1e-5, max_context=256,
+                            tie_embeddings=True)
+    return dataclasses.replace(cfg, **changes)
+
+
+# --- trimming canonical weights --------------------------------------------------------------------
+
+def test_drop_layers_keeps_the_chosen_layers_renumbered_in_order():
+    weights = tiny_llama_weights(n_layer=3)
+    out, cfg = trim.drop_layers(weights, tiny_config(), [0, 2])
+    assert cfg.num_layers == 2
+    assert out["model.layers.1.mlp.up_proj.weight"] is weights["model.layers.2.mlp.up_proj.weight"]
+    assert out["model.layers.0.self_attn.q_proj.weight"] is weights["model.layers.0.self_attn.q_proj.weight"]
+    assert not any(k.startswith("model.layers.2.") for k in out)
+    assert out["model.embed_tokens.weight"] is weights["model.embed_tokens.weight"]
+    assert len(out) == len(weights) - 9  # one layer of 9 tensors gone
+
+
+@pytest.mark.parametrize("keep", [[], [0, 0], [3], [-1]])
+def test_drop_layers_refuses_indices_that_are_not_distinct_layers(keep):
+    with pytest.raises(ValueError, match="distinct indices"):
+        trim.drop_layers(tiny_llama_weights(n_layer=3), tiny_config(), keep)
+
+
+def test_a_tied_head_trimmed_becomes_its_own_weight_and_the_embedding_stays_whole():
+    weights = tiny_llama_weights(n_layer=3)
+    keep = np.array([2, 7, 300])
+    out, cfg = trim.trim_vocab_head(weights, tiny_config(), keep)
+    assert not cfg.tie_embeddings and cfg.vocab_size == 320
+    np.testing.assert_array_equal(out["lm_head.weight"], weights["model.embed_tokens.weight"][keep])
+    assert out["model.embed_tokens.weight"] is weights["model.embed_tokens.weight"]
+
+
+def test_an_untied_head_keeps_only_the_chosen_rows():
+    weights = tiny_llama_weights(n_layer=3, tie_embeddings=False)
+    out, _ = trim.trim_vocab_head(weights, tiny_config(tie_embeddings=False), np.array([5, 1]))
+    np.testing.assert_array_equal(out["lm_head.weight"], weights["lm_head.weight"][[5, 1]])
+
+
+def test_rows_of_gguf_blocks_are_taken_without_requantization(deep_gguf):
+    weights, _ = canonical(deep_gguf)
+    embed = weights["model.embed_tokens.weight"]
+    assert isinstance(embed, QTensor) and embed.kind == "Q8_0"
+    rows = np.array([3, 0, 299])
+    np.testing.assert_array_equal(trim.take_rows(embed, rows).dequantize(), embed.dequantize()[rows])
+
+
+# --- choosing what stays ---------------------------------------------------------------------------
+
+def test_layers_with_the_highest_scores_stay_and_so_do_the_first_and_last():
+    scores = np.array([0.01, 0.5, 0.02, 0.4, 0.03, 0.001])
+    assert trim.choose_layers(scores, 4) == [0, 1, 3, 5]
+    assert trim.choose_layers(scores, 4, keep_ends=False) == [1, 2, 3, 4]
+    assert trim.choose_layers(scores, 6) == [0, 1, 2, 3, 4, 5]
+    with pytest.raises(ValueError, match="cannot keep 7 of 6"):
+        trim.choose_layers(scores, 7)
+
+
+def test_the_vocabulary_keeps_special_tokens_then_frequent_ones_then_the_lowest_ids():
+    counts = np.zeros(20, np.int64)
+    counts[[15, 9, 12]] = [5, 7, 1]
+    assert trim.choose_vocab(counts, 6, always=[18, 2]).tolist() == [0, 2, 9, 12, 15, 18]
+    with pytest.raises(ValueError, match="cannot hold the 3 special"):
+        trim.choose_vocab(counts, 2, always=[1, 2, 3])
+
+
+def test_special_and_single_byte_tokens_are_always_kept():
+    tok = tiny_tokenizer()
+    always = trim.always_kept_ids(tok.to_str(), [BOS_ID, EOS_ID])
+    # the tiny tokenizer: the special tokens, then the 256 byte-level tokens, then merges
+    assert always == list(range(len(SPECIAL_TOKENS) + 256))
+
+
+# --- the numpy forward that measures layers ---------------------------------------------------------
+
+def test_the_numpy_forward_matches_transformers_hidden_states_and_logits(deep_gguf):
+    weights, cfg = canonical(deep_gguf)
+    ours = calibrate.hidden_states(weights, cfg, np.array([PROMPT]))
+    ref = reference_model_from_state(*gguf_state_dict(deep_gguf))
+    with torch.inference_mode():
+        theirs = ref(input_ids=torch.tensor([PROMPT]), output_hidden_states=True).hidden_states
+    assert len(ours) == len(theirs) == N_LAYERS + 1
+    for a, b in zip(ours[:-1], theirs[:-1]):  # transformers' last state is after the final norm
+        np.testing.assert_allclose(a[0], b[0].numpy(), atol=1e-4, rtol=1e-4)
+    normed = calibrate.rms_norm(ours[-1], weights["model.norm.weight"], cfg.rms_norm_eps)
+    np.testing.assert_allclose(normed[0], theirs[-1][0].numpy(), atol=1e-4, rtol=1e-4)
+    np.testing.assert_allclose(calibrate.logits(weights, cfg, np.array([PROMPT]))[0],
+                               reference_logits(ref, PROMPT), atol=1e-3)
+
+
+def test_a_layer_scores_one_minus_the_cosine_of_the_hidden_states_around_it(deep_gguf):
+    weights, cfg = canonical(deep_gguf)
+    ids = np.array([PROMPT, PROMPT[::-1]])
+    states = calibrate.hidden_states(weights, cfg, ids)
+    scores = calibrate.layer_scores(weights, cfg, ids)
+    for i, score in enumerate(scores):
+        a, b = states[i], states[i + 1]
+        cos = (a * b).sum(-1) / np.linalg.norm(a, axis=-1) / np.linalg.norm(b, axis=-1)
+        assert score == pytest.approx(1 - cos.mean(), abs=1e-6)
+
+
+def test_calibration_windows_spread_over_the_text():
+    ids = list(range(1000))
+    w = calibrate.windows(ids, 100, 300)
+    assert w.shape == (3, 100) and w[0, 0] == 0 and w[-1, -1] == 999
+    assert calibrate.windows(ids[:40], 100, 300).tolist() == [ids[:40]]
+
+
+def test_the_calibration_text_ships_with_the_package():
+    text = calibrate.calibration_text()
+    assert 10_000 < len(text) < 40_000 and "def " in text and "Summary:" in text
