@@ -2,19 +2,21 @@
 
 from __future__ import annotations
 
+import hashlib
 import time
 from pathlib import Path
 
 from tokenizers import Tokenizer
 from tqdm import tqdm
 
-from ondevice.bundle import atomic_bundle_dir, write_manifest
+from ondevice.bundle import MANIFEST, VOCAB_MAP, atomic_bundle_dir, read_bundle, sha256_file, write_manifest
 from ondevice.converters.arch import get_architecture
 from ondevice.converters.canonical import Checkpoint
 from ondevice.converters.export_onnx import GraphBuilder
 from ondevice.converters.quantize import QuantSpec
 from ondevice.converters.sources import read_source, resolve_source
-from ondevice.errors import SourceFormatError
+from ondevice.converters.trim import DEFAULT_VOCAB, Draft, make_draft
+from ondevice.errors import SourceFormatError, TokenizerMismatchError
 
 CONVERTER_VERSION = "0.1.0"
 # Tokens that end an assistant turn in common chat formats; used as extra stop ids when present.
@@ -26,21 +28,33 @@ GENERATION_DEFAULTS = {"temperature": 0.2, "top_k": 0, "top_p": 0.9, "min_p": 0.
 
 def convert(source: str | Path, out: str | Path, *, quant: str = "q4", block_size: int = 32,
             symmetric: bool = False, max_context: int | None = None, compute: str = "float",
+            draft_of: str | Path | None = None, draft_layers: int | None = None, draft_vocab: int | None = None,
             force: bool = False, progress: bool = True) -> Path:
     """Convert a GGUF file or Hugging Face folder (or a model alias) into an ONNX bundle at `out`.
 
     compute: "float" (exact: greedy output equals a float reference on the same weights) or "int8"
     (MatMulNBits quantizes activations to int8, as llama.cpp and onnxruntime-genai do: faster, not exact).
+
+    draft_of: a target bundle; the source (same tokenizer) is trimmed into a draft for speculative
+    decoding: draft_layers decoder layers stay (default a third), those that change the hidden state
+    most on calibration text, and draft_vocab LM-head rows (default 8192; at least the vocabulary
+    size keeps the whole head), the most frequent tokens, listed in vocab_map.i32.
     """
     if compute not in COMPUTE_ACCURACY_LEVEL:
         raise ValueError(f"compute must be one of {', '.join(COMPUTE_ACCURACY_LEVEL)}, not {compute!r}")
+    if draft_of is None and (draft_layers is not None or draft_vocab is not None):
+        raise ValueError("draft_layers and draft_vocab trim a draft: they need draft_of (the target bundle)")
+    if (draft_layers is not None and draft_layers < 1) or (draft_vocab is not None and draft_vocab < 1):
+        raise ValueError("draft_layers and draft_vocab must be positive")
     spec = QuantSpec(quant, block_size, symmetric)
     started = time.perf_counter()
-    with tqdm(total=4, desc="convert", disable=not progress, unit="step") as steps:
-        return _convert(source, out, spec, max_context, compute, force, steps, started)
+    draft = None if draft_of is None else {"of": draft_of, "layers": draft_layers,
+                                           "vocab": DEFAULT_VOCAB if draft_vocab is None else draft_vocab}
+    with tqdm(total=4 + bool(draft), desc="convert", disable=not progress, unit="step") as steps:
+        return _convert(source, out, spec, max_context, compute, force, steps, started, draft)
 
 
-def _convert(source, out, spec: QuantSpec, max_context, compute, force, steps, started) -> Path:
+def _convert(source, out, spec: QuantSpec, max_context, compute, force, steps, started, draft_opts) -> Path:
     quant = spec.mode
     accuracy_level = COMPUTE_ACCURACY_LEVEL[compute]
     path = resolve_source(source)
@@ -53,6 +67,15 @@ def _convert(source, out, spec: QuantSpec, max_context, compute, force, steps, s
     weights = (arch.canonical_from_gguf if fmt == "gguf" else arch.canonical_from_hf)(ckpt.weights, cfg)
     context = min(max_context or cfg.max_context, cfg.max_context)
     steps.update()
+    draft: Draft | None = None
+    if draft_opts:
+        target = _draft_target(draft_opts["of"], ckpt, cfg, path)
+        steps.set_postfix_str("calibrating the draft")
+        special = _special_ids(ckpt)
+        draft = make_draft(weights, cfg, ckpt.tokenizer_json, [special["bos_token_id"], *special["eos_token_ids"]],
+                           layers=draft_opts["layers"], vocab=draft_opts["vocab"])
+        source_layers, (weights, cfg) = cfg.num_layers, (draft.weights, draft.cfg)
+        steps.update()
 
     with atomic_bundle_dir(out, force=force) as tmp:
         steps.set_postfix_str(f"quantizing ({quant}) and building the graph")
@@ -62,7 +85,7 @@ def _convert(source, out, spec: QuantSpec, max_context, compute, force, steps, s
         steps.set_postfix_str("writing the graph")
         graph_file, data_file = g.save(tmp)
         steps.update()
-        (tmp / "tokenizer.json").write_text(ckpt.tokenizer_json)
+        (tmp / "tokenizer.json").write_text(ckpt.tokenizer_json, encoding="utf-8")
         manifest = {
             "converter": {"name": "ondevice", "version": CONVERTER_VERSION},
             "source": ckpt.provenance,
@@ -81,11 +104,39 @@ def _convert(source, out, spec: QuantSpec, max_context, compute, force, steps, s
             "tokenizer": {"file": "tokenizer.json", "chat_template": ckpt.chat_template,
                           **_special_ids(ckpt)},
             "generation": dict(GENERATION_DEFAULTS),
-            "conversion_seconds": round(time.perf_counter() - started, 2),
         }
+        if draft is not None:
+            manifest["draft"] = {"target": target, "source_layers": source_layers,
+                                 "layers_kept": draft.layers_kept, "layer_scores": draft.layer_scores,
+                                 "vocab_kept": cfg.vocab_size if draft.vocab_map is None else len(draft.vocab_map),
+                                 "calibration": draft.calibration}
+            if draft.vocab_map is not None:
+                draft.vocab_map.astype("<i4").tofile(tmp / VOCAB_MAP)
+                manifest["vocab_map"] = {"file": VOCAB_MAP, "size": len(draft.vocab_map)}
+        manifest["conversion_seconds"] = round(time.perf_counter() - started, 2)
         write_manifest(tmp, manifest)
         steps.update()
     return Path(out)
+
+
+def _draft_target(target_path: str | Path, ckpt: Checkpoint, cfg, source: Path) -> dict:
+    """The manifest record of the target a draft is made for; the draft must share its tokenizer."""
+    target = read_bundle(target_path)
+    tok_file = target.manifest["tokenizer"].get("file", "tokenizer.json")
+    theirs = target.manifest["files"].get(tok_file, {}).get("sha256")
+    ours = hashlib.sha256(ckpt.tokenizer_json.encode("utf-8")).hexdigest()
+    if ours != theirs:
+        raise TokenizerMismatchError(
+            f"{source.name} has a different tokenizer from the target bundle {target_path} (tokenizer.json "
+            f"sha256 {ours[:12]}… vs {str(theirs)[:12]}…): a draft must use its target's token ids; "
+            "make the draft from a checkpoint of the same model family")
+    if int(target.config["vocab_size"]) != cfg.vocab_size:
+        raise TokenizerMismatchError(
+            f"the target bundle {target_path} has {target.config['vocab_size']} token ids, {source.name} has "
+            f"{cfg.vocab_size}: a draft needs the same vocabulary")
+    src = target.manifest.get("source", {})
+    return {"manifest_sha256": sha256_file(target.path / MANIFEST), "source_sha256": src.get("sha256"),
+            "source_name": src.get("name"), "tokenizer_sha256": theirs, "vocab_size": cfg.vocab_size}
 
 
 def _special_ids(ckpt: Checkpoint) -> dict:

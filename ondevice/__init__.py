@@ -15,12 +15,12 @@ from pathlib import Path
 from ondevice.engine import Generation, Model
 from ondevice.errors import (BundleError, BundleExistsError, ChatTemplateError, ContextOverflowError,
                              ModelNotFoundError, OndeviceError, SourceFormatError,
-                             UnsupportedArchitectureError)
+                             TokenizerMismatchError, UnsupportedArchitectureError)
 
 __version__ = "0.1.0"
 __all__ = ["load", "convert", "Model", "Generation", "OndeviceError", "BundleError", "BundleExistsError",
            "ChatTemplateError", "ContextOverflowError", "ModelNotFoundError", "SourceFormatError",
-           "UnsupportedArchitectureError"]
+           "TokenizerMismatchError", "UnsupportedArchitectureError"]
 
 
 def load(path: str | os.PathLike, *, threads: int | None = None, verify: bool = True,
@@ -52,14 +52,19 @@ def load(path: str | os.PathLike, *, threads: int | None = None, verify: bool = 
 
 def convert(source: str | os.PathLike, out: str | os.PathLike, *, quant: str = "q4", block_size: int = 32,
             symmetric: bool = False, max_context: int | None = None, compute: str = "float",
-            force: bool = False, progress: bool = True) -> Path:
+            draft_of: str | os.PathLike | None = None, draft_layers: int | None = None,
+            draft_vocab: int | None = None, force: bool = False, progress: bool = True) -> Path:
     """Convert a GGUF file, a Hugging Face folder or a model alias (e.g. "smollm2-135m") into a bundle.
 
     quant: q4 (default; GGUF 4-bit blocks kept exactly) | q8 | fp16 | fp32; block_size and symmetric
     apply where weights are re-quantized. compute: "float" (exact) or "int8" (faster). The bundle is
     written atomically; an existing one is replaced only with force=True.
+
+    draft_of: a target bundle with the same tokenizer; the source is then trimmed into a small draft
+    for speculative decoding, keeping draft_layers decoder layers and draft_vocab LM-head rows.
     """
     from ondevice.converters.convert import convert as _convert
 
     return _convert(source, out, quant=quant, block_size=block_size, symmetric=symmetric,
-                    max_context=max_context, compute=compute, force=force, progress=progress)
+                    max_context=max_context, compute=compute, draft_of=draft_of, draft_layers=draft_layers,
+                    draft_vocab=draft_vocab, force=force, progress=progress)

@@ -17,11 +17,14 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterator
 
+import numpy as np
+
 from ondevice.errors import BundleError, BundleExistsError
 
 FORMAT = "ondevice-bundle"
 FORMAT_VERSION = 1
 MANIFEST = "manifest.json"
+VOCAB_MAP = "vocab_map.i32"  # a draft's logit column -> token id, raw little-endian int32
 
 
 @dataclass
@@ -39,6 +42,43 @@ class Bundle:
     @property
     def max_context(self) -> int:
         return int(self.manifest["max_context"])
+
+    def vocab_map(self) -> np.ndarray | None:
+        """For a draft whose LM head keeps only some rows: the token id of each logit column
+        (int64 [V]); None when the logits cover the whole vocabulary.
+
+        Read from `vocab_map.i32` (raw little-endian int32, listed with its checksum) and checked:
+        V entries, distinct ids inside the vocabulary, as many as the graph has logits."""
+        entry = self.manifest.get("vocab_map")
+        if entry is None:
+            return None
+        if not (isinstance(entry, dict) and isinstance(entry.get("file"), str)
+                and isinstance(entry.get("size"), int) and entry["size"] > 0):
+            raise BundleError(f"{self.path}: manifest 'vocab_map' needs a file name and a positive size; "
+                              "re-convert the draft")
+        path, size = self.file(entry["file"]), entry["size"]
+        if not path.is_file() or path.stat().st_size != 4 * size:
+            found = f"{path.stat().st_size} bytes" if path.is_file() else "no file"
+            raise BundleError(f"{self.path}: vocab map {entry['file']} should hold {size} int32 ids "
+                              f"({4 * size} bytes), found {found}; re-convert the draft")
+        ids = np.fromfile(path, dtype="<i4").astype(np.int64)
+        vocab = int(self.config.get("vocab_size", 0))
+        if ids.min() < 0 or ids.max() >= vocab:
+            raise BundleError(f"{self.path}: vocab map names token ids outside the vocabulary of {vocab}; "
+                              "re-convert the draft")
+        if len(np.unique(ids)) != size:
+            raise BundleError(f"{self.path}: vocab map names a token id twice; re-convert the draft")
+        width = self.logits_width()
+        if width is not None and width != size:
+            raise BundleError(f"{self.path}: vocab map has {size} ids but the graph computes {width} logits; "
+                              "re-convert the draft")
+        return ids
+
+    def logits_width(self) -> int | None:
+        """How many logits per position the ONNX graph computes (its signature's last dimension)."""
+        outputs = (self.manifest["backends"].get("onnx") or {}).get("outputs") or []
+        shape = next((o.get("shape") for o in outputs if o.get("name") == "logits"), None)
+        return shape[-1] if shape and isinstance(shape[-1], int) else None
 
 
 def resolve_inside(root: Path, name: str) -> Path:
@@ -108,7 +148,8 @@ def verify_checksums(bundle: Bundle) -> None:
 
 
 def _referenced_files(manifest: dict) -> list[str]:
-    names = [manifest.get("tokenizer", {}).get("file")]
+    vocab_map = manifest.get("vocab_map")
+    names = [manifest.get("tokenizer", {}).get("file"), vocab_map.get("file") if isinstance(vocab_map, dict) else None]
     for backend in manifest.get("backends", {}).values():
         names += [backend.get("graph"), backend.get("data")]
     return [n for n in names if n]

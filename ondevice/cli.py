@@ -30,6 +30,7 @@ def cmd_convert(args) -> int:
     t = time.perf_counter()
     out = convert(args.source, args.out, quant=args.quant, block_size=args.block_size,
                   symmetric=args.symmetric, max_context=args.context, compute=args.compute,
+                  draft_of=args.draft_of, draft_layers=args.draft_layers, draft_vocab=args.draft_vocab,
                   force=args.force, progress=not args.quiet)
     size = sum(p.stat().st_size for p in Path(out).iterdir()) / 1e6
     print(f"wrote {out} ({size:.1f} MB) in {time.perf_counter() - t:.1f} s", file=sys.stderr)
@@ -182,6 +183,10 @@ def cmd_inspect(args) -> int:
     for group, how in q["tensors"].items():
         print(f"  {group:<16} {how}")
     print(f"source        {m['source'].get('format')} {m['source'].get('file') or m['source'].get('folder')}")
+    if "draft" in m:
+        d = m["draft"]
+        print(f"draft         of {d['target'].get('source_name') or 'target'}: layers {d['layers_kept']} of "
+              f"{d['source_layers']}, {d['vocab_kept']} vocabulary rows")
     print("files")
     for name, info in m["files"].items():
         print(f"  {name:<20} {info['bytes'] / 1e6:9.2f} MB  sha256 {info['sha256'][:16]}…")
@@ -224,6 +229,12 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--context", type=int, default=None, help="max context (default: the model's)")
     c.add_argument("--compute", default="float", choices=["float", "int8"],
                    help="float: exact, equals a float reference (default); int8: int8 activations, faster")
+    c.add_argument("--draft-of", metavar="TARGET_BUNDLE", default=None,
+                   help="trim the model into a draft for speculative decoding with this target bundle")
+    c.add_argument("--draft-layers", type=int, default=None,
+                   help="decoder layers the draft keeps (default: a third of them)")
+    c.add_argument("--draft-vocab", type=int, default=None,
+                   help="LM-head rows (most frequent tokens) the draft keeps (default 8192)")
     c.add_argument("--force", action="store_true", help="overwrite an existing bundle")
     c.add_argument("--quiet", action="store_true", help="no progress bar")
     c.set_defaults(func=cmd_convert)

@@ -31,3 +31,7 @@ class ContextOverflowError(OndeviceError):
 
 class ChatTemplateError(OndeviceError):
     """A chat template that fails to render in the sandbox."""
+
+
+class TokenizerMismatchError(OndeviceError):
+    """A draft whose tokenizer differs from its target's: their token ids would not mean the same."""

@@ -8,10 +8,11 @@ import json
 import os
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 import ondevice
-from ondevice.bundle import MANIFEST, read_bundle
+from ondevice.bundle import MANIFEST, VOCAB_MAP, read_bundle
 from ondevice.errors import BundleError
 
 BUNDLE_FILES = ["model.onnx", "model.onnx.data", "tokenizer.json"]
@@ -222,3 +223,73 @@ def test_a_converted_bundle_has_ordinary_permissions_under_the_umask(tiny_gguf, 
     assert out.stat().st_mode & 0o777 == 0o755  # readable by other users, like any directory
     for p in out.iterdir():
         assert p.stat().st_mode & 0o777 == 0o644, p.name
+
+
+# --- a draft's vocab map ------------------------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def tiny_draft(tiny_gguf, tiny_bundle, tmp_path_factory) -> Path:
+    """The tiny model as a draft of itself whose LM head keeps 300 of its 320 rows. Read-only."""
+    return ondevice.convert(tiny_gguf, tmp_path_factory.mktemp("tiny-draft") / "draft.bundle",
+                            draft_of=tiny_bundle, draft_vocab=300, progress=False)
+
+
+def write_vocab_map(bundle: Path, ids: list[int]) -> None:
+    """Replace the vocab map and its checksum entry, so that only the content is wrong."""
+    np.asarray(ids, "<i4").tofile(bundle / VOCAB_MAP)
+    edit_manifest(bundle, lambda m: m["files"].update({VOCAB_MAP: file_entry(bundle / VOCAB_MAP)}))
+
+
+def test_a_bundle_without_a_vocab_map_has_logits_for_every_token(tiny_bundle):
+    bundle = read_bundle(tiny_bundle)
+    assert bundle.vocab_map() is None and bundle.logits_width() == bundle.config["vocab_size"]
+
+
+def test_a_drafts_vocab_map_reads_back_as_written(tiny_draft):
+    bundle = read_bundle(tiny_draft)
+    ids = bundle.vocab_map()
+    assert ids.dtype == np.int64 and len(ids) == 300 == bundle.logits_width()
+    assert ids.tolist() == np.fromfile(tiny_draft / VOCAB_MAP, dtype="<i4").tolist()
+
+
+@pytest.mark.parametrize("ids, message", [
+    (list(range(299)), r"should hold 300 int32 ids \(1200 bytes\), found 1196 bytes"),
+    (list(range(299)) + [320], "outside the vocabulary of 320"),
+    (list(range(299)) + [-1], "outside the vocabulary"),
+    (list(range(299)) + [5], "a token id twice"),
+])
+def test_a_corrupt_vocab_map_is_refused(tiny_draft, copy_bundle, ids, message):
+    bundle = copy_bundle(tiny_draft)
+    write_vocab_map(bundle, ids)
+    with pytest.raises(BundleError, match=message):
+        read_bundle(bundle).vocab_map()
+
+
+def test_a_vocab_map_of_another_size_than_the_logits_is_refused(tiny_draft, copy_bundle):
+    bundle = copy_bundle(tiny_draft)
+    write_vocab_map(bundle, list(range(310)))
+    edit_manifest(bundle, lambda m: m["vocab_map"].update({"size": 310}))
+    with pytest.raises(BundleError, match="310 ids but the graph computes 300 logits"):
+        read_bundle(bundle).vocab_map()
+
+
+def test_a_modified_vocab_map_fails_verification(tiny_draft, copy_bundle):
+    bundle = copy_bundle(tiny_draft)
+    flip_byte(bundle / VOCAB_MAP)
+    with pytest.raises(BundleError, match=f"checksum mismatch for {VOCAB_MAP}"):
+        read_bundle(bundle)
+
+
+def test_a_vocab_map_without_a_checksum_is_refused(tiny_draft, copy_bundle):
+    bundle = copy_bundle(tiny_draft)
+    edit_manifest(bundle, lambda m: m["files"].pop(VOCAB_MAP))
+    with pytest.raises(BundleError, match=f"{VOCAB_MAP}.*no checksum"):
+        read_bundle(bundle, verify=False)
+
+
+@pytest.mark.parametrize("entry", [{"file": VOCAB_MAP}, {"file": VOCAB_MAP, "size": 0}, [VOCAB_MAP]])
+def test_a_malformed_vocab_map_entry_is_refused(tiny_draft, copy_bundle, entry):
+    bundle = copy_bundle(tiny_draft)
+    edit_manifest(bundle, lambda m: m.update({"vocab_map": entry}))
+    with pytest.raises(BundleError, match="vocab_map"):
+        read_bundle(bundle, verify=False).vocab_map()

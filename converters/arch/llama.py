@@ -210,5 +210,5 @@ def build(g: GraphBuilder, cfg: LlamaConfig, weights: dict[str, Weight], spec: Q
         head = linear_weight(["lm_head.weight"], "lm_head", keep_8bit=True)
     g.linear(kept, head, "model.embed_tokens" if cfg.tie_embeddings else "lm_head")
     g.nodes[-1].output[0] = "logits"
-    g.output("logits", "float32", [1, "L", cfg.vocab_size])
+    g.output("logits", "float32", [1, "L", head.shape[0]])  # a draft's head may keep fewer rows
     return quant_record

@@ -1,10 +1,13 @@
 """Drafts from the converter: layers dropped by a measured criterion, the LM head cut to frequent tokens.
 
 The trimming functions work on canonical weights; the numpy forward that scores layers is checked
-against transformers.
+against transformers; a converted draft computes what the reference model computes with the same
+layers removed, and its logits are the full model's at the token ids of its vocab map.
 """
 
 import dataclasses
+import hashlib
+import json
 
 import numpy as np
 import pytest
@@ -12,10 +15,14 @@ import torch
 from models import (BOS_ID, EOS_ID, SPECIAL_TOKENS, gguf_state_dict, reference_logits, reference_model_from_state,
                     tiny_llama_weights, tiny_tokenizer, write_tiny_llama_gguf)
 
+import ondevice
+from ondevice.bundle import MANIFEST, VOCAB_MAP, read_bundle
 from ondevice.converters import calibrate, trim
 from ondevice.converters.arch import llama
 from ondevice.converters.canonical import QTensor
 from ondevice.converters.sources import read_source
+from ondevice.errors import TokenizerMismatchError
+from ondevice.runtimes.onnx import OnnxBackend
 
 PROMPT = [1, 40, 72, 100, 105, 32, 119, 111, 114, 108, 100, 33, 200, 7, 260, 300]
 N_LAYERS = 4
@@ -32,6 +39,11 @@ def deep_gguf(tmp_path_factory):
     return write_tiny_llama_gguf(tmp_path_factory.mktemp("deep") / "deep.gguf", n_layer=N_LAYERS, seed=7)
 
 
+@pytest.fixture(scope="module")
+def deep_target(deep_gguf, tmp_path_factory):
+    return ondevice.convert(deep_gguf, tmp_path_factory.mktemp("deep-target") / "target.bundle", progress=False)
+
+
 def canonical(path):
     ckpt = read_source(path)
     cfg = llama.config_from_gguf(ckpt.metadata, ckpt.weights)
@@ -43,6 +55,14 @@ def tiny_config(**changes) -> llama.LlamaConfig:
                             num_kv_heads=2, head_dim=16, rope_theta=1e5, rms_norm_eps=1e-5, max_context=256,
                             tie_embeddings=True)
     return dataclasses.replace(cfg, **changes)
+
+
+def bundle_logits(path, ids) -> np.ndarray:
+    """All-position logits of a bundle. The runtime sizes its logits by config.vocab_size, which a
+    vocab-trimmed draft exceeds: give it the graph's logits width (Bundle.logits_width)."""
+    bundle = read_bundle(path)
+    bundle.manifest["config"] = dict(bundle.config, vocab_size=bundle.logits_width())
+    return OnnxBackend(bundle, threads=1).forward(ids, 0, all_logits=True)
 
 
 # --- trimming canonical weights --------------------------------------------------------------------
@@ -151,3 +171,78 @@ def test_calibration_windows_spread_over_the_text():
 def test_the_calibration_text_ships_with_the_package():
     text = calibrate.calibration_text()
     assert 10_000 < len(text) < 40_000 and "def " in text and "Summary:" in text
+
+
+# --- draft bundles ---------------------------------------------------------------------------------
+
+def test_a_draft_without_some_layers_computes_what_the_reference_without_them_computes(deep_gguf, deep_target,
+                                                                                       tmp_path):
+    draft = ondevice.convert(deep_gguf, tmp_path / "draft", draft_of=deep_target, draft_layers=2,
+                             draft_vocab=10**6, progress=False)
+    manifest = read_bundle(draft).manifest
+    kept = manifest["draft"]["layers_kept"]
+    assert len(kept) == 2 and manifest["config"]["num_layers"] == 2 and VOCAB_MAP not in manifest["files"]
+    scores = manifest["draft"]["layer_scores"]
+    assert kept == trim.choose_layers(np.array(scores), 2)
+
+    state, params = gguf_state_dict(deep_gguf)
+    renamed = {}
+    for name, w in state.items():
+        parts = name.split(".")
+        if parts[1] == "layers":
+            if int(parts[2]) not in kept:
+                continue
+            parts[2] = str(kept.index(int(parts[2])))
+        renamed[".".join(parts)] = w
+    ref = reference_model_from_state(renamed, dict(params, num_hidden_layers=2))
+    np.testing.assert_allclose(bundle_logits(draft, PROMPT), reference_logits(ref, PROMPT), atol=1e-3)
+
+
+def test_a_vocab_trimmed_draft_gives_the_full_models_logits_at_its_kept_ids(deep_gguf, deep_target, tmp_path):
+    draft = ondevice.convert(deep_gguf, tmp_path / "draft", draft_of=deep_target, draft_layers=N_LAYERS,
+                             draft_vocab=280, progress=False)
+    vocab_map = read_bundle(draft).vocab_map()
+    assert len(vocab_map) == 280 and set(range(len(SPECIAL_TOKENS) + 256)) <= set(vocab_map.tolist())
+    full = bundle_logits(deep_target, PROMPT)
+    np.testing.assert_allclose(bundle_logits(draft, PROMPT), full[:, vocab_map], atol=1e-4)
+
+
+def test_the_draft_manifest_records_its_target_and_how_it_was_trimmed(deep_gguf, deep_target, tmp_path):
+    draft = ondevice.convert(deep_gguf, tmp_path / "draft", draft_of=deep_target, draft_vocab=300, progress=False)
+    manifest = read_bundle(draft).manifest  # verifies the vocab map's checksum too
+    record = manifest["draft"]
+    target_manifest = (deep_target / MANIFEST).read_bytes()
+    assert record["target"]["manifest_sha256"] == hashlib.sha256(target_manifest).hexdigest()
+    assert record["target"]["tokenizer_sha256"] == manifest["files"]["tokenizer.json"]["sha256"]
+    assert record["source_layers"] == N_LAYERS and len(record["layer_scores"]) == N_LAYERS
+    assert record["layers_kept"] == [0, N_LAYERS - 1]  # default: a third of the layers, at least 2
+    assert record["vocab_kept"] == 300 and record["calibration"]["text"] == "calibration.txt"
+    assert manifest["vocab_map"] == {"file": VOCAB_MAP, "size": 300}
+    logits = next(o for o in manifest["backends"]["onnx"]["outputs"] if o["name"] == "logits")
+    assert logits["shape"] == [1, "L", 300]
+    ids = np.fromfile(draft / VOCAB_MAP, dtype="<i4")
+    assert ids.tolist() == sorted(set(ids.tolist())) and manifest["config"]["vocab_size"] == 320
+
+
+def test_a_draft_whose_tokenizer_differs_from_the_targets_is_refused(deep_target, tmp_path):
+    other = write_tiny_llama_gguf(tmp_path / "other.gguf", vocab=330, n_layer=2)
+    with pytest.raises(TokenizerMismatchError, match="different tokenizer from the target"):
+        ondevice.convert(other, tmp_path / "draft", draft_of=deep_target, progress=False)
+    assert not (tmp_path / "draft").exists()
+
+
+def test_draft_options_need_a_target(deep_gguf, tmp_path):
+    with pytest.raises(ValueError, match="need draft_of"):
+        ondevice.convert(deep_gguf, tmp_path / "b", draft_layers=2, progress=False)
+
+
+def test_the_cli_converts_a_draft(deep_gguf, deep_target, tmp_path, capsys):
+    from ondevice.cli import main
+
+    out = tmp_path / "draft"
+    assert main(["convert", str(deep_gguf), str(out), "--draft-of", str(deep_target), "--draft-layers", "3",
+                 "--draft-vocab", "290", "--quiet"]) == 0
+    manifest = json.loads((out / MANIFEST).read_text())
+    assert len(manifest["draft"]["layers_kept"]) == 3 and manifest["vocab_map"]["size"] == 290
+    assert main(["inspect", str(out)]) == 0
+    assert "draft" in capsys.readouterr().out
