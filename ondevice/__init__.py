@@ -24,11 +24,14 @@ __all__ = ["load", "convert", "Model", "Generation", "OndeviceError", "BundleErr
 
 
 def load(path: str | os.PathLike, *, threads: int | None = None, verify: bool = True,
-         providers: list[str] | None = None) -> Model:
+         providers: list[str] | None = None, draft: str | os.PathLike | None = None,
+         lookup: bool = False) -> Model:
     """Open a bundle: check it (sha256 of every file unless verify=False) and create the session once.
 
     The checksums are computed in a thread while ONNX Runtime builds its session; the model is
-    handed out only after they all match."""
+    handed out only after they all match. draft (a draft bundle with the same tokenizer) and/or
+    lookup (prompt-lookup drafts) turn on speculative decoding: the output stays exactly the
+    model's own; `model.speculator = None` turns it off again."""
     from concurrent.futures import ThreadPoolExecutor
 
     from ondevice.bundle import read_bundle, verify_checksums
@@ -46,8 +49,30 @@ def load(path: str | os.PathLike, *, threads: int | None = None, verify: bool = 
             if checked is not None:
                 checked.result()  # raises BundleError on a mismatch, before anything runs
         model = Model(bundle, backend, tokenizer=tokenizer.result())
+    if draft is not None or lookup:
+        model.speculator = _speculator(model, draft, lookup, threads, verify)
     model.load_s = time.perf_counter() - started
     return model
+
+
+def _speculator(model: Model, draft, lookup: bool, threads: int | None, verify: bool):
+    from ondevice.bundle import read_bundle
+    from ondevice.runtimes.onnx import OnnxBackend
+    from ondevice.speculative import DraftModel, PromptLookup, Speculator
+
+    drafter = None
+    if draft is not None:
+        d = read_bundle(draft, verify=verify)
+        mine = model.bundle.manifest.get("files", {}).get(model.bundle.manifest["tokenizer"]["file"], {})
+        theirs = d.manifest.get("files", {}).get(d.manifest["tokenizer"]["file"], {})
+        if mine.get("sha256") is None or mine.get("sha256") != theirs.get("sha256"):
+            raise TokenizerMismatchError(
+                f"draft {d.path} has a different tokenizer than {model.bundle.path}: its token ids would "
+                "mean other text; convert a draft from the same model family (ondevice convert SRC OUT "
+                f"--draft-of {model.bundle.path})")
+        drafter = DraftModel(OnnxBackend(d, threads=threads), d.vocab_map())
+    return Speculator(vocab_size=model.backend.vocab_size, draft=drafter,
+                      lookup=PromptLookup() if lookup else None)
 
 
 def convert(source: str | os.PathLike, out: str | os.PathLike, *, quant: str = "q4", block_size: int = 32,

@@ -14,7 +14,8 @@ from ondevice.errors import OndeviceError
 def _load(args):
     import ondevice
 
-    return ondevice.load(args.bundle, threads=args.threads, verify=not args.no_verify)
+    speculation = {"draft": getattr(args, "draft", None), "lookup": getattr(args, "lookup", False)}
+    return ondevice.load(args.bundle, threads=args.threads, verify=not args.no_verify, **speculation)
 
 
 def _sampling(args) -> dict:
@@ -137,6 +138,13 @@ def format_bench(r: dict) -> str:
     lines.append(f"decode          {fmt(r['decode_tok_s'], 'tok/s')} over {r['decode_tokens']} tokens")
     lines.append(f"ttft (128 tok)  {fmt(r['ttft_s'], 's')}")
     lines.append(f"peak RSS        {r['peak_rss_mb']:.0f} MB   ({r['repeats']} runs each, median)")
+    for kind, v in r.get("speculative", {}).items():
+        lines.append(f"speculative {kind:10s} {v['speculative_tok_s']['median']:6.1f} vs plain "
+                     f"{v['plain_tok_s']['median']:6.1f} tok/s = {v['speedup']['median']:.2f}x "
+                     f"(min {v['speedup']['min']:.2f}, max {v['speedup']['max']:.2f}); accepted "
+                     f"{100 * v['acceptance_rate']:.0f}%, {v['accepted_per_verify']:.2f}/verify; draft "
+                     f"{100 * v['draft_share']:.0f}% verify {100 * v['verify_share']:.0f}% of decode time"
+                     + ("" if v["identical"] else "  OUTPUT DIFFERS"))
     return "\n".join(lines)
 
 
@@ -232,17 +240,22 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--draft-of", metavar="TARGET_BUNDLE", default=None,
                    help="trim the model into a draft for speculative decoding with this target bundle")
     c.add_argument("--draft-layers", type=int, default=None,
-                   help="decoder layers the draft keeps (default: a third of them)")
+                   help="decoder layers the draft keeps (default: all)")
     c.add_argument("--draft-vocab", type=int, default=None,
-                   help="LM-head rows (most frequent tokens) the draft keeps (default 8192)")
+                   help="LM-head rows (most frequent tokens) the draft keeps (default 16384)")
     c.add_argument("--force", action="store_true", help="overwrite an existing bundle")
     c.add_argument("--quiet", action="store_true", help="no progress bar")
     c.set_defaults(func=cmd_convert)
 
-    def model_args(sp, sampling=True):
+    def model_args(sp, sampling=True, speculation=True):
         sp.add_argument("bundle")
         sp.add_argument("--threads", type=int, default=None)
         sp.add_argument("--no-verify", action="store_true", help="skip the sha256 check of the bundle")
+        if speculation:
+            sp.add_argument("--draft", metavar="DRAFT_BUNDLE", default=None,
+                            help="speculative decoding with this draft (same tokenizer; output unchanged)")
+            sp.add_argument("--lookup", action="store_true",
+                            help="speculative decoding with prompt-lookup drafts (output unchanged)")
         if sampling:
             sp.add_argument("--max-tokens", type=int, default=None)
             sp.add_argument("--temperature", type=float, default=None)
@@ -286,7 +299,7 @@ def build_parser() -> argparse.ArgumentParser:
     v.set_defaults(func=cmd_verify)
 
     pp = sub.add_parser("perplexity", help="perplexity of a text file over non-overlapping windows")
-    model_args(pp, sampling=False)
+    model_args(pp, sampling=False, speculation=False)
     pp.add_argument("file")
     pp.add_argument("--window", type=int, default=512)
     pp.add_argument("--json", action="store_true")

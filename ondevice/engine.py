@@ -16,6 +16,7 @@ from ondevice.bundle import Bundle
 from ondevice.errors import ContextOverflowError
 from ondevice.runtimes.base import Backend
 from ondevice.sampling import SamplingParams, sample
+from ondevice.speculative import Speculator, accept
 from ondevice.tokenizer import StreamingDetokenizer, Tokenizer, load_tokenizer
 
 Message = dict  # {"role": "user" | "assistant" | "system", "content": str}
@@ -32,6 +33,7 @@ class Generation:
     prefill_s: float = 0.0
     prefill_tokens: int = 0  # tokens actually prefilled (prompt minus the reused cache)
     decode_s: float = 0.0
+    speculation: dict | None = None  # the speculator's stats of this call (acceptance, time shares)
 
     @property
     def prefill_tok_s(self) -> float:
@@ -45,7 +47,8 @@ class Generation:
     def to_dict(self) -> dict:
         return {"text": self.text, "token_ids": self.token_ids, "prompt_tokens": self.prompt_tokens,
                 "finish_reason": self.finish_reason, "ttft_s": self.ttft_s,
-                "prefill_tok_s": self.prefill_tok_s, "decode_tok_s": self.decode_tok_s}
+                "prefill_tok_s": self.prefill_tok_s, "decode_tok_s": self.decode_tok_s,
+                **({"speculation": self.speculation} if self.speculation else {})}
 
 
 @dataclass
@@ -72,6 +75,7 @@ class Model:
         self.defaults: dict = dict(bundle.manifest.get("generation", {}))
         self.max_context: int = bundle.max_context
         self._cached: list[int] = []  # token ids whose keys/values are in the KV cache
+        self.speculator: Speculator | None = None  # set by ondevice.load(draft=..., lookup=...)
 
     # -- prompts ----------------------------------------------------------------------------
     def encode_prompt(self, prompt: Prompt, raw: bool = False) -> list[int]:
@@ -97,13 +101,16 @@ class Model:
         """Generate a full answer. Sampling options left at None take the bundle's defaults
         (temperature 0 is greedy); `raw` tokenizes a string as is (no chat template, no BOS)."""
         run, pieces = None, []
+        if self.speculator:
+            self.speculator.reset_stats()
         for piece, run in self._stream(prompt, max_tokens=max_tokens, stop=stop, raw=raw, ignore_eos=ignore_eos,
                                        temperature=temperature, top_k=top_k, top_p=top_p, min_p=min_p,
                                        repetition_penalty=repetition_penalty, seed=seed):
             pieces.append(piece)
         return Generation(text="".join(pieces), token_ids=run.token_ids, prompt_tokens=run.prompt_tokens,
                           finish_reason=run.finish_reason, ttft_s=run.ttft_s, prefill_s=run.prefill_s,
-                          prefill_tokens=run.prefill_tokens, decode_s=run.decode_s)
+                          prefill_tokens=run.prefill_tokens, decode_s=run.decode_s,
+                          speculation=self.speculator.stats.to_dict() if self.speculator else None)
 
     def stream(self, prompt: Prompt, *, max_tokens: int | None = None, temperature: float | None = None,
                top_k: int | None = None, top_p: float | None = None, min_p: float | None = None,
@@ -175,23 +182,46 @@ class Model:
         run.prefill_s = time.perf_counter() - t0
         rng = np.random.default_rng(params.seed)
         seen = np.array(sorted(set(ids)), np.int64) if params.repetition_penalty != 1.0 else None
+        pending = [sample(logits, params, rng, seen)]
+        run.ttft_s = time.perf_counter() - run.started
         t_decode = time.perf_counter()
-        for i in range(max_tokens):
-            token = sample(logits, params, rng, seen)
-            if i == 0:
-                run.ttft_s = time.perf_counter() - run.started
-                t_decode = time.perf_counter()
-            run.token_ids.append(token)
-            if token in eos:
-                run.finish_reason = "stop"
-            if seen is not None:
-                seen = np.union1d(seen, [token])
-            yield token
-            if run.finish_reason == "stop" or i == max_tokens - 1:
-                break
-            logits = backend.decode_one(token, len(self._cached))[0]
-            self._cached.append(token)
+        produced = 0
+        while True:
+            for token in pending:
+                run.token_ids.append(token)
+                produced += 1
+                if token in eos:
+                    run.finish_reason = "stop"
+                if seen is not None:
+                    seen = np.union1d(seen, [token])
+                yield token
+                if run.finish_reason == "stop" or produced == max_tokens:
+                    return
+            pending = self._next_tokens(pending[-1], params, rng, seen, max_tokens - produced)
             run.decode_s = time.perf_counter() - t_decode
+
+    def _next_tokens(self, token: int, params: SamplingParams, rng: np.random.Generator,
+                     seen: np.ndarray | None, budget: int) -> list[int]:
+        """Run the last token and return what comes next: one token, or several when a speculative
+        draft is verified (exactly the tokens plain decoding would have produced)."""
+        spec, past = self.speculator, len(self._cached)
+        room = self.max_context - past - 1
+        tree = spec.propose(self._cached + [token], params, rng, budget, room) if spec else None
+        t0 = time.perf_counter()
+        if tree is None:
+            logits = self.backend.decode_one(token, past)[0]
+            self._cached.append(token)
+            if spec:
+                spec.record_plain(time.perf_counter() - t0)
+            return [sample(logits, params, rng, seen)]
+        logits = self.backend.run(np.array(tree.tokens), past, tree.positions(past), tree.attention_bias(past))
+        verify_s = time.perf_counter() - t0
+        path, after = accept(tree, logits, params, rng, seen)
+        self.backend.move_kv([past + n for n in path], list(range(past, past + len(path))))
+        kept = [tree.tokens[n] for n in path]
+        self._cached.extend(kept)
+        spec.record_round(tree, path, verify_s, time.perf_counter() - t0)
+        return kept[1:] + [after]
 
     # -- checks -----------------------------------------------------------------------------
     def check_fits(self, prompt_tokens: int, max_tokens: int) -> None:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import resource
 import statistics
 import time
+from pathlib import Path
 
 import numpy as np
 
@@ -19,6 +20,11 @@ BENCH_TEXT = (
     "for a server. The cost is that memory, storage bandwidth and power are scarce, so every byte "
     "of weights and every pass over them counts. "
 )
+
+
+# Prompts of the kinds speculative decoding is measured on: summarize a given passage, edit code
+# (both copy from the prompt), and a free chat answer (where drafts fail).
+SPECULATION_PROMPTS = {p.stem: p.read_text() for p in sorted((Path(__file__).parent / "prompts").glob("*.txt"))}
 
 
 def perplexity(model: Model, token_ids: list[int], window: int = 512) -> dict:
@@ -73,20 +79,55 @@ def benchmark(model: Model, prompt_lengths=(128, 512, 1024), decode_tokens: int 
         results["prefill_tok_s"][str(n)] = _summary(runs)
     ttft, decode = [], []
     ids = bench_prompt(model, min(128, model.max_context - decode_tokens - 1))
+    speculator, model.speculator = model.speculator, None  # the plain figures first
     for _ in range(repeats):
         model.reset()
         g = model.generate(ids, max_tokens=decode_tokens, temperature=0.0, ignore_eos=True)
         ttft.append(g.ttft_s)
         decode.append(g.decode_tok_s)
     model.reset()
+    model.speculator = speculator
     results["ttft_s"] = _summary(ttft)
     results["decode_tok_s"] = _summary(decode)
     results["decode_tokens"] = decode_tokens
+    if speculator is not None:
+        results["speculative"] = speculation_benchmark(model, decode_tokens, repeats)
     # Peak RSS of this one model through all of the above; the extra loads below would add theirs.
     results["peak_rss_mb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     if load is not None:
         results["load_s"] = _summary([_timed(load) for _ in range(repeats)])
     return results
+
+
+def speculation_benchmark(model: Model, decode_tokens: int = 128, repeats: int = 3) -> dict:
+    """Greedy decode tok/s with the model's speculator on and off, in turn, on each kind of prompt;
+    the ratio is taken pair by pair. Also checks that both give the same tokens."""
+    speculator = model.speculator
+    out = {}
+    for kind, text in SPECULATION_PROMPTS.items():
+        prompt = model.encode_prompt(text)
+        if len(prompt) + decode_tokens > model.max_context:
+            continue  # a small-context model: the prompt does not fit
+        plain, spec, ratios, stats, identical = [], [], [], [], True
+        for _ in range(repeats):
+            model.speculator = None
+            model.reset()
+            a = model.generate(prompt, max_tokens=decode_tokens, temperature=0.0)
+            model.speculator = speculator
+            speculator.reset_stats()
+            model.reset()
+            b = model.generate(prompt, max_tokens=decode_tokens, temperature=0.0)
+            identical &= a.token_ids == b.token_ids
+            plain.append(a.decode_tok_s)
+            spec.append(b.decode_tok_s)
+            ratios.append(b.decode_tok_s / a.decode_tok_s)
+            stats.append(speculator.stats.to_dict())
+        model.reset()
+        out[kind] = {"plain_tok_s": _summary(plain), "speculative_tok_s": _summary(spec),
+                     "speedup": _summary(ratios), "identical": identical, "tokens": len(a.token_ids),
+                     **{k: statistics.median(s[k] for s in stats)
+                        for k in ("acceptance_rate", "accepted_per_verify", "draft_share", "verify_share")}}
+    return out
 
 
 def _timed(fn) -> float:

@@ -46,7 +46,25 @@ def sample(logits: np.ndarray, params: SamplingParams, rng: np.random.Generator,
         logits = apply_repetition_penalty(logits, seen, params.repetition_penalty)
     if params.temperature == 0:
         return int(np.argmax(logits))
-    # Work on a candidate set: top-k (or everything), sorted by descending logit.
+    cand, probs = _candidates(logits, params)
+    return int(cand[rng.choice(len(probs), p=probs)])
+
+
+def distribution(logits: np.ndarray, params: SamplingParams, seen: np.ndarray | None = None) -> np.ndarray:
+    """The distribution sample() draws from, dense over the vocabulary (float64; one-hot when greedy)."""
+    if seen is not None:
+        logits = apply_repetition_penalty(logits, seen, params.repetition_penalty)
+    p = np.zeros(logits.shape[-1], np.float64)
+    if params.temperature == 0:
+        p[int(np.argmax(logits))] = 1.0
+    else:
+        cand, probs = _candidates(logits, params)
+        p[cand] = probs
+    return p
+
+
+def _candidates(logits: np.ndarray, params: SamplingParams) -> tuple[np.ndarray, np.ndarray]:
+    """(token ids, probabilities) after temperature, top-k, top-p and min-p; sorted by probability."""
     if 0 < params.top_k < logits.shape[-1]:
         cand = np.argpartition(logits, -params.top_k)[-params.top_k:]
     else:
@@ -60,5 +78,4 @@ def sample(logits: np.ndarray, params: SamplingParams, rng: np.random.Generator,
         keep = min(keep, int(np.searchsorted(np.cumsum(probs), params.top_p)) + 1)
     if params.min_p > 0:
         keep = min(keep, max(1, int(np.sum(probs >= params.min_p * probs[0]))))
-    probs = probs[:keep] / probs[:keep].sum()
-    return int(cand[rng.choice(keep, p=probs)])
+    return cand[:keep], probs[:keep] / probs[:keep].sum()

@@ -48,7 +48,7 @@ class OnnxBackend:
                               f"(missing inputs {missing}); re-convert the model with this version")
         self.layers, self.kv_heads, self.head_dim = kv["layers"], kv["num_kv_heads"], kv["head_dim"]
         self.max_context = bundle.max_context
-        self.vocab_size = int(bundle.config["vocab_size"])
+        self.vocab_size = bundle.logits_width() or int(bundle.config["vocab_size"])  # a draft's head may be trimmed
         try:
             self.session = ort.InferenceSession(os.fspath(bundle.file(spec["graph"])),
                                                 sess_options=session_options(threads),

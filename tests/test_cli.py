@@ -168,6 +168,30 @@ def test_bench_json_has_the_documented_keys(capsys, tiny_bundle):
     assert r["peak_rss_mb"] > 0
 
 
+@pytest.mark.parametrize("flags", [["--lookup"], ["--draft", "SELF"], ["--draft", "SELF", "--lookup"]])
+def test_run_with_speculation_gives_the_plain_tokens_and_reports_its_stats(capsys, tiny_bundle, tiny_model, flags):
+    flags = [str(tiny_bundle) if f == "SELF" else f for f in flags]
+    prompt = "Hello there, hello there, hello there"
+    code, out, _ = cli(capsys, "run", tiny_bundle, prompt, "--json", "--max-tokens", "24", "--temperature", "0",
+                       *flags)
+    assert code == 0
+    result = one_json_object(out)
+    assert result["token_ids"] == tiny_model.generate(prompt, max_tokens=24, temperature=0).token_ids
+    assert set(result["speculation"]) >= {"acceptance_rate", "accepted_per_verify", "draft_share", "verify_share"}
+
+
+def test_bench_with_speculation_reports_it_per_prompt_kind(capsys, tiny_bundle):
+    code, out, _ = cli(capsys, "bench", tiny_bundle, "--json", "--repeat", 1, "--prompt-lengths", 16,
+                       "--decode-tokens", 8, "--lookup")
+    assert code == 0
+    r = one_json_object(out)["speculative"]
+    assert "chat" in r  # the prompts that fit the tiny model's context
+    for kind in r.values():
+        assert kind["identical"] is True
+        assert set(kind) >= {"plain_tok_s", "speculative_tok_s", "speedup", "acceptance_rate",
+                             "accepted_per_verify", "draft_share", "verify_share"}
+
+
 # --- chat ----------------------------------------------------------------------------------------
 
 def chat(capsys, monkeypatch, bundle, lines: str, *flags):
