@@ -76,12 +76,15 @@ def layer_forward(x: np.ndarray, weights: dict[str, Weight], cfg, i: int) -> np.
     def w(name: str) -> np.ndarray:
         return _float(weights[f"model.layers.{i}.{name}.weight"])
 
+    def linear(h: np.ndarray, name: str) -> np.ndarray:  # one matrix product over all windows
+        return (h.reshape(-1, h.shape[-1]) @ w(name).T).reshape(*h.shape[:-1], -1)
+
     b, t, _ = x.shape
     nh, kv, hd = cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
     h = rms_norm(x, w("input_layernorm"), cfg.rms_norm_eps)
-    q = (h @ w("self_attn.q_proj").T).reshape(b, t, nh, hd).transpose(0, 2, 1, 3)
-    k = (h @ w("self_attn.k_proj").T).reshape(b, t, kv, hd).transpose(0, 2, 1, 3)
-    v = (h @ w("self_attn.v_proj").T).reshape(b, t, kv, hd).transpose(0, 2, 1, 3)
+    q = linear(h, "self_attn.q_proj").reshape(b, t, nh, hd).transpose(0, 2, 1, 3)
+    k = linear(h, "self_attn.k_proj").reshape(b, t, kv, hd).transpose(0, 2, 1, 3)
+    v = linear(h, "self_attn.v_proj").reshape(b, t, kv, hd).transpose(0, 2, 1, 3)
     inv_freq = 1.0 / (cfg.rope_theta ** (np.arange(0, hd, 2, dtype=np.float64) / hd))
     angles = np.arange(t, dtype=np.float64)[:, None] * inv_freq[None, :]
     cos = np.cos(np.concatenate([angles, angles], -1)).astype(np.float32)
@@ -92,10 +95,10 @@ def layer_forward(x: np.ndarray, weights: dict[str, Weight], cfg, i: int) -> np.
     scores = np.where(np.tril(np.ones((t, t), bool)), scores, np.float32(-np.inf))
     scores = np.exp(scores - scores.max(-1, keepdims=True))
     attn = (scores / scores.sum(-1, keepdims=True)) @ v
-    x = x + attn.transpose(0, 2, 1, 3).reshape(b, t, nh * hd) @ w("self_attn.o_proj").T
+    x = x + linear(attn.transpose(0, 2, 1, 3).reshape(b, t, nh * hd), "self_attn.o_proj")
     h = rms_norm(x, w("post_attention_layernorm"), cfg.rms_norm_eps)
-    gate, up = h @ w("mlp.gate_proj").T, h @ w("mlp.up_proj").T
-    return x + (gate / (1.0 + np.exp(-gate)) * up) @ w("mlp.down_proj").T
+    gate, up = linear(h, "mlp.gate_proj"), linear(h, "mlp.up_proj")
+    return x + linear(gate / (1.0 + np.exp(-gate)) * up, "mlp.down_proj")
 
 
 def hidden_states(weights: dict[str, Weight], cfg, ids: np.ndarray) -> list[np.ndarray]:

@@ -36,8 +36,8 @@ def convert(source: str | Path, out: str | Path, *, quant: str = "q4", block_siz
     (MatMulNBits quantizes activations to int8, as llama.cpp and onnxruntime-genai do: faster, not exact).
 
     draft_of: a target bundle; the source (same tokenizer) is trimmed into a draft for speculative
-    decoding: draft_layers decoder layers stay (default a third), those that change the hidden state
-    most on calibration text, and draft_vocab LM-head rows (default 8192; at least the vocabulary
+    decoding: draft_layers decoder layers stay (default all), those that change the hidden state
+    most on calibration text, and draft_vocab LM-head rows (default 16384; at least the vocabulary
     size keeps the whole head), the most frequent tokens, listed in vocab_map.i32.
     """
     if compute not in COMPUTE_ACCURACY_LEVEL:

@@ -215,7 +215,7 @@ def test_the_draft_manifest_records_its_target_and_how_it_was_trimmed(deep_gguf,
     assert record["target"]["manifest_sha256"] == hashlib.sha256(target_manifest).hexdigest()
     assert record["target"]["tokenizer_sha256"] == manifest["files"]["tokenizer.json"]["sha256"]
     assert record["source_layers"] == N_LAYERS and len(record["layer_scores"]) == N_LAYERS
-    assert record["layers_kept"] == [0, N_LAYERS - 1]  # default: a third of the layers, at least 2
+    assert record["layers_kept"] == list(range(N_LAYERS))  # by default no layer is dropped
     assert record["vocab_kept"] == 300 and record["calibration"]["text"] == "calibration.txt"
     assert manifest["vocab_map"] == {"file": VOCAB_MAP, "size": 300}
     logits = next(o for o in manifest["backends"]["onnx"]["outputs"] if o["name"] == "logits")
