@@ -44,11 +44,7 @@ PAST = 256
 
 
 def open_backend(path: Path, threads: int) -> OnnxBackend:
-    bundle = read_bundle(path, verify=False)
-    width = bundle.logits_width()
-    if width is not None:  # a vocab-trimmed draft computes fewer logits than its vocabulary
-        bundle.manifest["config"] = dict(bundle.config, vocab_size=width)
-    return OnnxBackend(bundle, threads=threads, capacity=1024)
+    return OnnxBackend(read_bundle(path, verify=False), threads=threads, capacity=1024)
 
 
 def target_answers(target: Path, n_tokens: int, threads: int) -> list[tuple[list[int], int]]:

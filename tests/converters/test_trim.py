@@ -22,7 +22,6 @@ from ondevice.converters.arch import llama
 from ondevice.converters.canonical import QTensor
 from ondevice.converters.sources import read_source
 from ondevice.errors import TokenizerMismatchError
-from ondevice.runtimes.onnx import OnnxBackend
 
 PROMPT = [1, 40, 72, 100, 105, 32, 119, 111, 114, 108, 100, 33, 200, 7, 260, 300]
 N_LAYERS = 4
@@ -58,11 +57,8 @@ def tiny_config(**changes) -> llama.LlamaConfig:
 
 
 def bundle_logits(path, ids) -> np.ndarray:
-    """All-position logits of a bundle. The runtime sizes its logits by config.vocab_size, which a
-    vocab-trimmed draft exceeds: give it the graph's logits width (Bundle.logits_width)."""
-    bundle = read_bundle(path)
-    bundle.manifest["config"] = dict(bundle.config, vocab_size=bundle.logits_width())
-    return OnnxBackend(bundle, threads=1).forward(ids, 0, all_logits=True)
+    """All-position logits of a bundle (a vocab-trimmed draft's: one per kept row)."""
+    return ondevice.load(path, threads=1).backend.forward(ids, 0, all_logits=True)
 
 
 # --- trimming canonical weights --------------------------------------------------------------------
