@@ -300,3 +300,38 @@ def main(argv=None):
 
 if __name__ == "__main__":
     main()
+
+
+def llama_cpp_lookup_speedup(gguf_path, prompt_ids, n_decode=128, threads=2, num_pred_tokens=10, rounds=3):
+    """llama-cpp-python's own prompt-lookup decoding (LlamaPromptLookupDecoding) against its plain
+    decoding, greedy, same prompt ids; returns the decode tok/s of both and their ratio (medians of
+    rounds, in turn). Decode time = time for n_decode tokens minus time for 1 (the prefill)."""
+    import statistics
+
+    import llama_cpp
+    from llama_cpp.llama_speculative import LlamaPromptLookupDecoding
+
+    prompt_ids = [int(t) for t in prompt_ids]
+    n_ctx = len(prompt_ids) + n_decode + 16
+
+    def make(draft):
+        return llama_cpp.Llama(model_path=str(gguf_path), n_ctx=n_ctx, n_batch=512, n_threads=threads,
+                               n_threads_batch=threads, verbose=False, draft_model=draft)
+
+    def rate(llm) -> float:
+        def timed(n):
+            llm.reset()
+            t = time.perf_counter()
+            out = llm.create_completion(prompt_ids, max_tokens=n, temperature=0.0, top_k=1, stream=False)
+            return time.perf_counter() - t, out["usage"]["completion_tokens"]
+        t1, _ = timed(1)
+        tn, n = timed(n_decode)
+        return (n - 1) / (tn - t1)
+
+    plain, lookup = make(None), make(LlamaPromptLookupDecoding(num_pred_tokens=num_pred_tokens))
+    a, b = [], []
+    for _ in range(rounds):
+        a.append(rate(plain))
+        b.append(rate(lookup))
+    return {"plain_tok_s": statistics.median(a), "lookup_tok_s": statistics.median(b),
+            "speedup": statistics.median([y / x for x, y in zip(a, b)])}

@@ -14,6 +14,8 @@ from __future__ import annotations
 
 import argparse
 import json
+import subprocess
+import sys
 
 import ondevice
 from ondevice.evaluate import speculation_benchmark
@@ -27,14 +29,19 @@ def main() -> None:
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--json", action="store_true")
+    ap.add_argument("--setting", help=argparse.SUPPRESS)  # one setting, in this process (see below)
     args = ap.parse_args()
     settings = {"lookup": {"lookup": True}}
     if args.draft:
         settings.update({"draft": {"draft": args.draft}, "draft+lookup": {"draft": args.draft, "lookup": True}})
+    if args.setting:
+        model = ondevice.load(args.target, threads=args.threads, **settings[args.setting])
+        print(json.dumps(speculation_benchmark(model, args.tokens, args.rounds)))
+        return
     rows = {}
-    for name, options in settings.items():
-        model = ondevice.load(args.target, threads=args.threads, **options)
-        rows[name] = speculation_benchmark(model, args.tokens, args.rounds)
+    for name in settings:  # each in a fresh process: a draft's thread-pool set-up needs one
+        cmd = [sys.executable, __file__, *sys.argv[1:], "--setting", name]
+        rows[name] = json.loads(subprocess.run(cmd, check=True, capture_output=True, text=True).stdout)
     if args.json:
         print(json.dumps(rows, indent=1))
         return

@@ -35,27 +35,30 @@ def load(path: str | os.PathLike, *, threads: int | None = None, verify: bool = 
     from concurrent.futures import ThreadPoolExecutor
 
     from ondevice.bundle import read_bundle, verify_checksums
-    from ondevice.runtimes.onnx import OnnxBackend
+    from ondevice.runtimes.onnx import OnnxBackend, share_thread_pool
     from ondevice.tokenizer import load_tokenizer
 
     started = time.perf_counter()
+    threading = "spin"
+    if draft is not None:  # the draft's session and this one take turns on the same cores
+        threading = "shared" if share_thread_pool(threads) else "sleep"
     bundle = read_bundle(path, verify=False)  # structure, paths and sizes; hashes below
     with ThreadPoolExecutor(max_workers=2) as pool:
         checked = pool.submit(verify_checksums, bundle) if verify else None
         tokenizer = pool.submit(load_tokenizer, bundle.path)
         try:
-            backend = OnnxBackend(bundle, threads=threads, providers=providers)
+            backend = OnnxBackend(bundle, threads=threads, providers=providers, threading=threading)
         finally:
             if checked is not None:
                 checked.result()  # raises BundleError on a mismatch, before anything runs
         model = Model(bundle, backend, tokenizer=tokenizer.result())
     if draft is not None or lookup:
-        model.speculator = _speculator(model, draft, lookup, threads, verify)
+        model.speculator = _speculator(model, draft, lookup, threads, verify, threading)
     model.load_s = time.perf_counter() - started
     return model
 
 
-def _speculator(model: Model, draft, lookup: bool, threads: int | None, verify: bool):
+def _speculator(model: Model, draft, lookup: bool, threads: int | None, verify: bool, threading: str):
     from ondevice.bundle import read_bundle
     from ondevice.runtimes.onnx import OnnxBackend
     from ondevice.speculative import DraftModel, PromptLookup, Speculator
@@ -70,7 +73,7 @@ def _speculator(model: Model, draft, lookup: bool, threads: int | None, verify: 
                 f"draft {d.path} has a different tokenizer than {model.bundle.path}: its token ids would "
                 "mean other text; convert a draft from the same model family (ondevice convert SRC OUT "
                 f"--draft-of {model.bundle.path})")
-        drafter = DraftModel(OnnxBackend(d, threads=threads), d.vocab_map())
+        drafter = DraftModel(OnnxBackend(d, threads=threads, threading=threading), d.vocab_map())
     return Speculator(vocab_size=model.backend.vocab_size, draft=drafter,
                       lookup=PromptLookup() if lookup else None)
 

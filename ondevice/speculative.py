@@ -259,9 +259,11 @@ class Speculator:
         self.t_verify: dict[int, _Ema] = {}  # tree size -> seconds per verification
         self.lookup_accept = _Ema(0.6)  # chance that a lookup token is kept, given its parent was
         self.rate_spec = _Ema()  # tokens per second while speculating
-        self.cooldown = 0  # plain steps left before speculating again
+        self.cooldown = 0  # rounds left before the draft model runs again (lookup costs nothing to ask)
         self.backoff = 4
         self.attempts = 0  # rounds judged since the last pause
+        self._line: tuple | None = None  # verify-time fit, refreshed when a measurement comes in
+        self._probe = False  # the next draft round runs whatever the estimates say
         self._draft_s = 0.0  # draft time of the tree being verified
 
     def reset_stats(self) -> None:
@@ -273,16 +275,33 @@ class Speculator:
         (a plain step counts as t = 1)."""
         if t in self.t_verify:
             return self.t_verify[t].value
+        if self._line is None:
+            self._line = self._fit_line()
+        slope, intercept, floor = self._line
+        return max(intercept + slope * t, floor)
+
+    def _fit_line(self) -> tuple[float, float, float]:
         points = [(k, e.value) for k, e in self.t_verify.items()]
         if self.t_plain.value is not None:
             points.append((1, self.t_plain.value))
         if not points:
-            return 0.01 * (1 + 0.15 * (t - 1))
+            return 0.0015, 0.0085, 0.0
         if len({k for k, _ in points}) < 2:
             k, v = points[0]
-            return v * (1 + 0.15 * (t - k))
+            return 0.15 * v, v * (1 - 0.15 * k), v
         slope, intercept = np.polyfit([k for k, _ in points], [v for _, v in points], 1)
-        return max(intercept + slope * t, min(v for _, v in points))
+        return float(slope), float(intercept), min(v for _, v in points)
+
+    def _draft_can_pay(self, depth_cap: int) -> bool:
+        """Whether a draft chain, even if every token were accepted, beats plain decoding (after a
+        pause, the draft runs once regardless, to measure it again)."""
+        if self._probe:
+            self._probe = False
+            return True
+        if not self.config.adaptive or self.t_draft.value is None or self.t_plain.value is None:
+            return True
+        best = max(self.worth(1 + k, k, k + 1) for k in range(1, depth_cap + 1))
+        return best * self.t_plain.value > 1.0
 
     def worth(self, expected_tokens: float, draft_steps: int, nodes: int) -> float:
         """Expected tokens per second of a round (1 token is always produced)."""
@@ -295,26 +314,28 @@ class Speculator:
         """A tree rooted at context[-1] (the pending token), or None to decode one plain step.
         budget: tokens that may still be produced (the tree's depth stays below it); room: KV slots
         free after the root (the tree's size stays within it)."""
-        if self.cooldown > 0:
-            self.cooldown -= 1
-            return None
+        if self.t_plain.value is None and self.config.adaptive:
+            return None  # a plain step first: it measures what speculation has to beat
+        use_draft = self.draft is not None and self.cooldown == 0
+        self.cooldown = max(0, self.cooldown - 1)
         depth_cap = min(self.config.max_depth, budget - 1, room)
         self.max_nodes = min(self.config.max_nodes, room)
         if depth_cap < 1:
             return None
         tree = TokenTree(context[-1])
         self._draft_s = 0.0
-        if self.draft is not None:
+        chain = self.lookup.propose(context, min(depth_cap, self.config.lookup_tokens)) if self.lookup else []
+        a = min(max(self.lookup_accept.value or 0.6, 0.05), 0.95)
+        if chain and a >= 0.5 and len(chain) >= 2:
+            use_draft = False  # the text repeats itself here: a free chain likely to be kept beats the draft
+        if use_draft and not self._draft_can_pay(depth_cap):
+            self._pause()  # measured too slow to pay: try again after a while (it is re-measured then)
+        elif use_draft:
             t0 = time.perf_counter()
-            steps = self._grow_draft(tree, context, params, rng, depth_cap)
+            self._grow_draft(tree, context, params, rng, depth_cap)
             self._draft_s = time.perf_counter() - t0
             self.stats.draft_s += self._draft_s
-            if steps:
-                self.t_draft.add(self._draft_s / steps)
-        if self.lookup is not None:
-            chain = self.lookup.propose(context, min(depth_cap, self.config.lookup_tokens))
-            a = min(max(self.lookup_accept.value or 0.6, 0.05), 0.95)
-            self._add_lookup(tree, chain, a)
+        self._add_lookup(tree, chain, a)
         tree = self._prune(tree) if self.config.adaptive and len(tree) > 1 else tree
         if tree is None or len(tree) == 1:
             if self._draft_s and self.config.adaptive:  # drafted for nothing: one plain token for both
@@ -331,7 +352,9 @@ class Speculator:
         while tree.depths[node] < depth_cap and len(tree) - 1 < self.max_nodes:
             probs = _softmax(logits)
             if params.temperature == 0:
-                order = np.argsort(-probs)[:cfg.branch_width]
+                width = min(cfg.branch_width, len(probs) - 1)
+                order = np.argpartition(-probs, width)[:width] if width > 0 else np.array([0])
+                order = order[np.argsort(-probs[order])]
                 top = int(order[0])
                 q_vec = None
             else:  # sampled chain: keep its proposal distribution for the acceptance rule
@@ -355,7 +378,9 @@ class Speculator:
             best_rate = max(best_rate, rate)
             if tree.depths[node] >= depth_cap:
                 break
+            t0 = time.perf_counter()
             logits = draft.step(tree.tokens[node])
+            self.t_draft.add(time.perf_counter() - t0)
             steps += 1
         return steps
 
@@ -394,12 +419,14 @@ class Speculator:
     # -- feedback --------------------------------------------------------------------------------
     def record_plain(self, seconds: float) -> None:
         self.t_plain.add(seconds)
+        self._line = None
         self.stats.plain_steps += 1
         self.stats.plain_s += seconds
 
     def record_round(self, tree: TokenTree, accepted: list[int], verify_s: float, round_s: float) -> None:
         t = len(tree)
         self.t_verify.setdefault(t, _Ema()).add(verify_s)
+        self._line = None
         kept = len(accepted) - 1
         st = self.stats
         st.rounds += 1
@@ -419,21 +446,26 @@ class Speculator:
             self.threshold = max(0.02, self.threshold * 0.7)
         elif ratio < 0.4:
             self.threshold = min(0.8, self.threshold * 1.4)
-        self._judge(kept + 1, self._draft_s + round_s)
+        if self._draft_s:
+            self._judge(kept + 1, self._draft_s + round_s)
 
     def _judge(self, tokens: int, seconds: float) -> None:
-        """Pause speculation (for a doubling number of plain steps) while it yields fewer tokens per
-        second than plain decoding; drafts that were not worth verifying count as one token."""
+        """Pause the draft model (for a doubling number of rounds) while its rounds yield fewer tokens
+        per second than plain decoding; drafts that were not worth verifying count as one token."""
         self.rate_spec.add(tokens / seconds)
         self.attempts += 1
         plain = self.t_plain.value
         if plain is None or self.attempts < 3:
             return
         if self.rate_spec.value < 0.9 / plain:
-            self.cooldown, self.backoff = self.backoff, min(self.backoff * 2, 64)
-            self.rate_spec, self.attempts = _Ema(), 0
+            self._pause()
         elif self.rate_spec.value >= 1.0 / plain:
             self.backoff = 4
+
+    def _pause(self) -> None:
+        self.cooldown, self.backoff = self.backoff, min(self.backoff * 2, 64)
+        self.rate_spec, self.attempts = _Ema(), 0
+        self._probe = True
 
 
 def _common_prefix(a: list[int], b: list[int]) -> int:

@@ -23,12 +23,33 @@ REQUIRED_INPUTS = {"input_ids", "seqlens_k", "total_sequence_length", "logits_fr
 PREFILL_CHUNK = 512  # longer prompts run in chunks: bounds the [T, past + T] attention bias
 
 
-def session_options(threads: int | None) -> ort.SessionOptions:
+# Two sessions that take turns (a draft and its target) must not keep each other's cores busy:
+# "shared" runs both on one process-wide thread pool (possible only before ORT's first session),
+# "sleep" gives each its own pool whose threads sleep between runs; "spin" (one model) keeps them hot.
+THREADING = ("spin", "sleep", "shared")
+_process = {"sessions": 0, "shared_threads": None}
+
+
+def share_thread_pool(threads: int | None) -> bool:
+    """Make one thread pool for every session created from now on, if ORT can still do so."""
+    threads = threads or min(os.cpu_count() or 1, 4)
+    if _process["shared_threads"] is None and _process["sessions"] == 0:
+        ort.capi.onnxruntime_pybind11_state.set_global_thread_pool_sizes(threads, 1)
+        _process["shared_threads"] = threads
+    return _process["shared_threads"] == threads
+
+
+def session_options(threads: int | None, threading: str = "spin") -> ort.SessionOptions:
     opts = ort.SessionOptions()
     opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+    opts.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
+    if threading == "shared":
+        opts.use_per_session_threads = False
+        return opts
     opts.intra_op_num_threads = threads or min(os.cpu_count() or 1, 4)
     opts.inter_op_num_threads = 1
-    opts.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
+    if threading == "sleep":
+        opts.add_session_config_entry("session.intra_op.allow_spinning", "0")
     return opts
 
 
@@ -36,7 +57,7 @@ class OnnxBackend:
     """Runs the bundle's decoder graph over T new tokens at a time."""
 
     def __init__(self, bundle: Bundle, threads: int | None = None, providers: list[str] | None = None,
-                 capacity: int = 256):
+                 capacity: int = 256, threading: str = "spin"):
         spec = bundle.manifest["backends"].get("onnx")
         if spec is None:
             raise BundleError(f"{bundle.path}: the bundle has no ONNX graph")
@@ -51,10 +72,11 @@ class OnnxBackend:
         self.vocab_size = bundle.logits_width() or int(bundle.config["vocab_size"])  # a draft's head may be trimmed
         try:
             self.session = ort.InferenceSession(os.fspath(bundle.file(spec["graph"])),
-                                                sess_options=session_options(threads),
+                                                sess_options=session_options(threads, threading),
                                                 providers=providers or ["CPUExecutionProvider"])
         except Exception as e:  # ORT raises its own Fail/InvalidGraph types
             raise BundleError(f"{bundle.path}: ONNX Runtime cannot load the graph: {e}") from e
+        _process["sessions"] += 1
         self.capacity = 0
         self._kv_arrays: list[np.ndarray] = []  # the cache; ORT reads and writes them in place
         self._kv: list[ort.OrtValue] = []

@@ -74,3 +74,29 @@ def test_bundle_records_lossless_repacking(smollm2_bundle):
     assert tensors["mlp.gate_up"] == "Q4_1 repacked"
     assert tensors["lm_head"] == "tied to embedding"
     assert manifest["source"]["sha256"] and manifest["config"]["num_layers"] == 30
+
+
+@pytest.fixture(scope="module")
+def smollm2_draft(smollm2_bundle, tmp_path_factory):
+    """A trimmed draft: 24 of 30 layers, 8192 head rows, int8 compute (it agrees often, not always)."""
+    return ondevice.convert("smollm2-135m", tmp_path_factory.mktemp("draft") / "draft.bundle",
+                            draft_of=smollm2_bundle, draft_layers=24, draft_vocab=8192, compute="int8",
+                            progress=False)
+
+
+@pytest.mark.parametrize("setting", ["draft", "lookup", "draft+lookup"])
+def test_speculative_greedy_output_is_identical_to_plain_decoding(smollm2_bundle, smollm2_draft, smollm2_model,
+                                                                  setting):
+    from ondevice.evaluate import SPECULATION_PROMPTS
+
+    options = {"draft": smollm2_draft} if "draft" in setting else {}
+    spec = ondevice.load(smollm2_bundle, threads=2, lookup="lookup" in setting, **options)
+    verified = 0
+    for prompt in (SPECULATION_PROMPTS["summarize"], SPECULATION_PROMPTS["edit_code"], CHAT[1]):
+        smollm2_model.reset()
+        expected = smollm2_model.generate(prompt, max_tokens=48, temperature=0).token_ids
+        got = spec.generate(prompt, max_tokens=48, temperature=0)
+        assert got.token_ids == expected
+        verified += got.speculation["rounds"]
+        spec.reset()
+    assert verified > 0
