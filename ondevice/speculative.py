@@ -202,6 +202,8 @@ def _softmax(logits: np.ndarray) -> np.ndarray:
 
 # -- control -------------------------------------------------------------------------------------
 
+PROBE_EVERY = 16  # after this many drafts judged not worth verifying, verify a small one anyway
+
 @dataclass
 class SpecConfig:
     max_nodes: int = 24  # tree nodes besides the root
@@ -264,6 +266,7 @@ class Speculator:
         self.attempts = 0  # rounds judged since the last pause
         self._line: tuple | None = None  # verify-time fit, refreshed when a measurement comes in
         self._probe = False  # the next draft round runs whatever the estimates say
+        self._unverified = 0  # drafts in a row the cost model did not find worth verifying
         self._draft_s = 0.0  # draft time of the tree being verified
 
     def reset_stats(self) -> None:
@@ -401,6 +404,9 @@ class Speculator:
             rate = self.worth(expected, 0, n + 1)
             if rate > best:
                 best, best_n = rate, n
+        if best_n == 0 and self._unverified >= PROBE_EVERY:  # estimates may be stale: measure again
+            best_n = min(3, len(order))
+        self._unverified = 0 if best_n else self._unverified + 1
         keep.update(order[:best_n])
         # a kept node's ancestors are kept too (their confidence is never lower)
         for i in list(keep):
