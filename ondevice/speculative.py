@@ -265,7 +265,7 @@ class Speculator:
         self.backoff = 4
         self.attempts = 0  # rounds judged since the last pause
         self._line: tuple | None = None  # verify-time fit, refreshed when a measurement comes in
-        self._probe = False  # the next draft round runs whatever the estimates say
+        self._probe = self.draft is not None  # the next draft round is a short one that measures the draft
         self._unverified = 0  # drafts in a row the cost model did not find worth verifying
         self._draft_s = 0.0  # draft time of the tree being verified
 
@@ -296,11 +296,7 @@ class Speculator:
         return float(slope), float(intercept), min(v for _, v in points)
 
     def _draft_can_pay(self, depth_cap: int) -> bool:
-        """Whether a draft chain, even if every token were accepted, beats plain decoding (after a
-        pause, the draft runs once regardless, to measure it again)."""
-        if self._probe:
-            self._probe = False
-            return True
+        """Whether a draft chain, even if every token were accepted, beats plain decoding."""
         if not self.config.adaptive or self.t_draft.value is None or self.t_plain.value is None:
             return True
         best = max(self.worth(1 + k, k, k + 1) for k in range(1, depth_cap + 1))
@@ -331,11 +327,12 @@ class Speculator:
         a = min(max(self.lookup_accept.value or 0.6, 0.05), 0.95)
         if chain and a >= 0.5 and len(chain) >= 2:
             use_draft = False  # the text repeats itself here: a free chain likely to be kept beats the draft
-        if use_draft and not self._draft_can_pay(depth_cap):
+        probe, self._probe = self._probe, False
+        if use_draft and not probe and not self._draft_can_pay(depth_cap):
             self._pause()  # measured too slow to pay: try again after a while (it is re-measured then)
         elif use_draft:
             t0 = time.perf_counter()
-            self._grow_draft(tree, context, params, rng, depth_cap)
+            self._grow_draft(tree, context, params, rng, min(depth_cap, 2) if probe else depth_cap)
             self._draft_s = time.perf_counter() - t0
             self.stats.draft_s += self._draft_s
         self._add_lookup(tree, chain, a)
@@ -469,7 +466,7 @@ class Speculator:
             self.backoff = 4
 
     def _pause(self) -> None:
-        self.cooldown, self.backoff = self.backoff, min(self.backoff * 2, 64)
+        self.cooldown, self.backoff = self.backoff, min(self.backoff * 2, 256)
         self.rate_spec, self.attempts = _Ema(), 0
         self._probe = True
 
