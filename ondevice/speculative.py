@@ -325,8 +325,11 @@ class Speculator:
         self._draft_s = 0.0
         chain = self.lookup.propose(context, min(depth_cap, self.config.lookup_tokens)) if self.lookup else []
         a = min(max(self.lookup_accept.value or 0.6, 0.05), 0.95)
-        if chain and a >= 0.5 and len(chain) >= 2:
-            use_draft = False  # the text repeats itself here: a free chain likely to be kept beats the draft
+        if chain and use_draft and self.rate_spec.value is not None:
+            # the text repeats itself here: skip the draft if the free chain alone promises more
+            # tokens per second than the draft's rounds have been delivering
+            expected = 1 + sum(a ** (k + 1) for k in range(len(chain)))
+            use_draft = self.worth(expected, 0, len(chain) + 1) < self.rate_spec.value
         probe, self._probe = self._probe, False
         if use_draft and not probe and not self._draft_can_pay(depth_cap):
             self._pause()  # measured too slow to pay: try again after a while (it is re-measured then)
