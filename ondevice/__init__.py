@@ -25,13 +25,14 @@ __all__ = ["load", "convert", "Model", "Generation", "OndeviceError", "BundleErr
 
 def load(path: str | os.PathLike, *, threads: int | None = None, verify: bool = True,
          providers: list[str] | None = None, draft: str | os.PathLike | None = None,
-         lookup: bool = False) -> Model:
+         lookup: bool = False, prefill_chunk: int | None = None) -> Model:
     """Open a bundle: check it (sha256 of every file unless verify=False) and create the session once.
 
     The checksums are computed in a thread while ONNX Runtime builds its session; the model is
     handed out only after they all match. draft (a draft bundle with the same tokenizer) and/or
     lookup (prompt-lookup drafts) turn on speculative decoding: the output stays exactly the
-    model's own; `model.speculator = None` turns it off again."""
+    model's own; `model.speculator = None` turns it off again. prefill_chunk: prompts run in chunks of
+    exactly this many tokens (the last one padded), the static shapes an NPU graph needs."""
     from concurrent.futures import ThreadPoolExecutor
 
     from ondevice.bundle import read_bundle, verify_checksums
@@ -52,6 +53,10 @@ def load(path: str | os.PathLike, *, threads: int | None = None, verify: bool = 
             if checked is not None:
                 checked.result()  # raises BundleError on a mismatch, before anything runs
         model = Model(bundle, backend, tokenizer=tokenizer.result())
+    if prefill_chunk is not None:
+        if prefill_chunk < 1:
+            raise ValueError("prefill_chunk must be a positive number of tokens")
+        backend.chunk_size = int(prefill_chunk)
     if draft is not None or lookup:
         model.speculator = _speculator(model, draft, lookup, threads, verify, threading)
     model.load_s = time.perf_counter() - started

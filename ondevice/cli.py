@@ -15,7 +15,8 @@ def _load(args):
     import ondevice
 
     speculation = {"draft": getattr(args, "draft", None), "lookup": getattr(args, "lookup", False)}
-    return ondevice.load(args.bundle, threads=args.threads, verify=not args.no_verify, **speculation)
+    return ondevice.load(args.bundle, threads=args.threads, verify=not args.no_verify,
+                         prefill_chunk=getattr(args, "prefill_chunk", None), **speculation)
 
 
 def _sampling(args) -> dict:
@@ -251,6 +252,8 @@ def build_parser() -> argparse.ArgumentParser:
         sp.add_argument("bundle")
         sp.add_argument("--threads", type=int, default=None)
         sp.add_argument("--no-verify", action="store_true", help="skip the sha256 check of the bundle")
+        sp.add_argument("--prefill-chunk", type=int, default=None, metavar="C",
+                        help="prefill in fixed chunks of C tokens (static shapes, as for an NPU)")
         if speculation:
             sp.add_argument("--draft", metavar="DRAFT_BUNDLE", default=None,
                             help="speculative decoding with this draft (same tokenizer; output unchanged)")

@@ -19,7 +19,7 @@ from ondevice.errors import BundleError, ContextOverflowError
 
 # The decoder-graph contract (the manifest lists each graph's inputs and outputs).
 REQUIRED_INPUTS = {"input_ids", "seqlens_k", "total_sequence_length", "logits_from", "position_ids",
-                   "attention_bias"}
+                   "attention_bias", "query_seqlens"}
 PREFILL_CHUNK = 512  # longer prompts run in chunks: bounds the [T, past + T] attention bias
 
 
@@ -77,6 +77,8 @@ class OnnxBackend:
         except Exception as e:  # ORT raises its own Fail/InvalidGraph types
             raise BundleError(f"{bundle.path}: ONNX Runtime cannot load the graph: {e}") from e
         _process["sessions"] += 1
+        self.chunk_size: int | None = None  # set: prefill runs in fixed-size padded chunks (static shapes)
+        self._chunk_bias: np.ndarray | None = None
         self.capacity = 0
         self._kv_arrays: list[np.ndarray] = []  # the cache; ORT reads and writes them in place
         self._kv: list[ort.OrtValue] = []
@@ -86,13 +88,14 @@ class OnnxBackend:
         self._total = np.zeros((), np.int32)
         self._from = np.zeros((1,), np.int64)
         self._pos = np.zeros((1, 1), np.int64)
+        self._one = np.ones((1,), np.int32)
         self._no_bias = np.zeros((1, 1, 1, 0), np.float32)  # grown with the capacity; a view per step
         self._logits = np.zeros((1, 1, self.vocab_size), np.float32)
         self._decode = self.session.io_binding()
         self._prefill = self.session.io_binding()
         for name, arr in (("input_ids", self._ids), ("seqlens_k", self._seqlens),
                           ("total_sequence_length", self._total), ("logits_from", self._from),
-                          ("position_ids", self._pos)):
+                          ("position_ids", self._pos), ("query_seqlens", self._one)):
             self._decode.bind_ortvalue_input(name, ort.OrtValue.ortvalue_from_numpy(arr))
         self._decode.bind_ortvalue_output("logits", ort.OrtValue.ortvalue_from_numpy(self._logits))
         self.ensure_capacity(min(capacity, self.max_context))
@@ -130,15 +133,44 @@ class OnnxBackend:
         self.ensure_capacity(past_len + t)
         if t == 1 and not all_logits:
             return self.decode_one(int(ids[0]), past_len)
+        size = self.chunk_size or PREFILL_CHUNK
         outs = []
-        for start in range(0, t, PREFILL_CHUNK):
-            chunk = ids[start:start + PREFILL_CHUNK]
-            last = start + len(chunk) == t
-            if all_logits or last:
-                outs.append(self.run(chunk, past_len + start, all_logits=all_logits))
+        for start in range(0, t, size):
+            chunk = ids[start:start + size]
+            wanted = all_logits or start + len(chunk) == t
+            if self.chunk_size and past_len + start + size <= self.max_context:
+                logits = self.run_chunk(chunk, past_len + start, size, all_logits)
             else:
-                self.run(chunk, past_len + start, all_logits=False)
+                logits = self.run(chunk, past_len + start, all_logits=all_logits)
+            if wanted:
+                outs.append(logits)
         return outs[0] if len(outs) == 1 else np.concatenate(outs)
+
+    def run_chunk(self, token_ids: np.ndarray, past_len: int, size: int, all_logits: bool = False) -> np.ndarray:
+        """Up to `size` tokens through the graph with static shapes: the chunk is padded to `size` rows
+        (query_seqlens says how many are real), the attention bias spans the whole cache capacity.
+        Every call has the same input shapes, as an NPU's precompiled graph needs; the padding rows'
+        cache slots are overwritten by the next chunk or ignored (past seqlens_k)."""
+        n = len(token_ids)
+        self.ensure_capacity(past_len + size)
+        ids = np.zeros((1, size), np.int64)
+        ids[0, :n] = token_ids
+        positions = np.minimum(np.arange(past_len, past_len + size, dtype=np.int64), self.max_context - 1)
+        if self._chunk_bias is None or self._chunk_bias.shape != (1, 1, size, self.capacity):
+            self._chunk_bias = np.zeros((1, 1, size, self.capacity), np.float32)
+        b = self._prefill
+        b.bind_cpu_input("input_ids", ids)
+        b.bind_cpu_input("seqlens_k", np.array([past_len + n - 1], np.int32))
+        b.bind_cpu_input("total_sequence_length", np.array(self.capacity, np.int32))
+        b.bind_cpu_input("logits_from", np.array([0 if all_logits else n - 1], np.int64))
+        b.bind_cpu_input("position_ids", positions.reshape(1, size))
+        b.bind_cpu_input("attention_bias", self._chunk_bias)
+        b.bind_cpu_input("query_seqlens", np.array([n], np.int32))
+        rows = size if all_logits else size - n + 1
+        logits = np.empty((1, rows, self.vocab_size), np.float32)
+        b.bind_ortvalue_output("logits", ort.OrtValue.ortvalue_from_numpy(logits))
+        self.session.run_with_iobinding(b)
+        return logits[0, :n] if all_logits else logits[0, :1]
 
     def run(self, token_ids: np.ndarray, past_len: int, positions: np.ndarray | None = None,
             bias: np.ndarray | None = None, all_logits: bool = True) -> np.ndarray:
@@ -161,6 +193,7 @@ class OnnxBackend:
         b.bind_cpu_input("logits_from", np.array([0 if all_logits else t - 1], np.int64))
         b.bind_cpu_input("position_ids", np.asarray(positions, np.int64).reshape(1, t))
         b.bind_cpu_input("attention_bias", np.ascontiguousarray(bias, np.float32).reshape(1, 1, t, total))
+        b.bind_cpu_input("query_seqlens", np.array([t], np.int32))
         logits = np.empty((1, t if all_logits else 1, self.vocab_size), np.float32)
         b.bind_ortvalue_output("logits", ort.OrtValue.ortvalue_from_numpy(logits))
         self.session.run_with_iobinding(b)

@@ -100,3 +100,23 @@ def test_speculative_greedy_output_is_identical_to_plain_decoding(smollm2_bundle
         verified += got.speculation["rounds"]
         spec.reset()
     assert verified > 0
+
+
+@pytest.mark.parametrize("chunk", [64, 128])
+def test_fixed_size_chunked_prefill_gives_the_one_shot_logits_and_tokens(smollm2_model, chunk):
+    from ondevice.evaluate import SPECULATION_PROMPTS
+
+    ids = smollm2_model.encode_prompt(SPECULATION_PROMPTS["summarize"])  # ~340 tokens: not a multiple
+    smollm2_model.reset()
+    one_shot = smollm2_model.backend.forward(ids, 0)[-1].copy()
+    expected = smollm2_model.generate(ids, max_tokens=16, temperature=0, ignore_eos=True).token_ids
+    smollm2_model.backend.chunk_size = chunk
+    try:
+        smollm2_model.reset()
+        chunked = smollm2_model.backend.forward(ids, 0)[-1].copy()
+        smollm2_model.reset()
+        got = smollm2_model.generate(ids, max_tokens=16, temperature=0, ignore_eos=True).token_ids
+    finally:
+        smollm2_model.backend.chunk_size = None
+    assert np.abs(chunked - one_shot).max() < 1e-3
+    assert got == expected

@@ -168,6 +168,9 @@ def build(g: GraphBuilder, cfg: LlamaConfig, weights: dict[str, Weight], spec: Q
     # plain prefill/decode pass consecutive positions and zeros (GQA still applies causality).
     position_ids = g.input("position_ids", "int64", [1, "T"])
     attention_bias = g.input("attention_bias", "float32", [1, 1, "T", "total"])
+    # How many of the T rows are real tokens: a fixed-size chunk pads the rest (static shapes for NPUs;
+    # total_sequence_length may then be the cache capacity, an upper bound).
+    query_seqlens = g.input("query_seqlens", "int32", [1])
     cos, sin = rope_cache(cfg, max_context)
     cos, sin = g.const("rope.cos", cos), g.const("rope.sin", sin)
     eps, kv, hd = cfg.rms_norm_eps, cfg.num_kv_heads, cfg.head_dim
@@ -184,7 +187,8 @@ def build(g: GraphBuilder, cfg: LlamaConfig, weights: dict[str, Weight], spec: Q
         past_k = g.input(f"past_key.{i}", "float32", [1, kv, "capacity", hd])
         past_v = g.input(f"past_value.{i}", "float32", [1, kv, "capacity", hd])
         attn, _, _ = g.node(
-            "GroupQueryAttention", [qkv, "", "", past_k, past_v, seqlens_k, total_len, cos, sin, position_ids, attention_bias],
+            "GroupQueryAttention", [qkv, "", "", past_k, past_v, seqlens_k, total_len, cos, sin, position_ids, attention_bias,
+             "", "", "", "", "", query_seqlens],
             [f"{p}.attn.out", f"present_key.{i}", f"present_value.{i}"], MS_DOMAIN,
             num_heads=cfg.num_heads, kv_num_heads=kv, do_rotary=1, rotary_interleaved=0,
             scale=float(hd ** -0.5))
