@@ -56,7 +56,7 @@ def session_options(threads: int | None, threading: str = "spin") -> ort.Session
 class OnnxBackend:
     """Runs the bundle's decoder graph over T new tokens at a time."""
 
-    def __init__(self, bundle: Bundle, threads: int | None = None, providers: list[str] | None = None,
+    def __init__(self, bundle: Bundle, threads: int | None = None, providers: list | None = None,
                  capacity: int = 256, threading: str = "spin"):
         spec = bundle.manifest["backends"].get("onnx")
         if spec is None:
@@ -77,7 +77,9 @@ class OnnxBackend:
         except Exception as e:  # ORT raises its own Fail/InvalidGraph types
             raise BundleError(f"{bundle.path}: ONNX Runtime cannot load the graph: {e}") from e
         _process["sessions"] += 1
-        self.chunk_size: int | None = None  # set: prefill runs in fixed-size padded chunks (static shapes)
+        self.providers: list[str] = self.session.get_providers()  # the execution providers that ran it
+        self.chunk_size: int | None = None  # set: prefill runs in fixed-size padded chunks
+        self.static_shapes = False  # chunks' attention spans the whole cache: identical shapes every call
         self._chunk_bias: np.ndarray | None = None
         self.capacity = 0
         self._kv_arrays: list[np.ndarray] = []  # the cache; ORT reads and writes them in place
@@ -156,15 +158,18 @@ class OnnxBackend:
         ids = np.zeros((1, size), np.int64)
         ids[0, :n] = token_ids
         positions = np.minimum(np.arange(past_len, past_len + size, dtype=np.int64), self.max_context - 1)
-        if self._chunk_bias is None or self._chunk_bias.shape != (1, 1, size, self.capacity):
+        # static: attention spans the whole cache (one shape for every chunk, for NPU graphs);
+        # otherwise only past + size keys, which is cheaper on a CPU
+        total = self.capacity if self.static_shapes else past_len + size
+        if self._chunk_bias is None or self._chunk_bias.shape[-1] < total or self._chunk_bias.shape[2] != size:
             self._chunk_bias = np.zeros((1, 1, size, self.capacity), np.float32)
         b = self._prefill
         b.bind_cpu_input("input_ids", ids)
         b.bind_cpu_input("seqlens_k", np.array([past_len + n - 1], np.int32))
-        b.bind_cpu_input("total_sequence_length", np.array(self.capacity, np.int32))
+        b.bind_cpu_input("total_sequence_length", np.array(total, np.int32))
         b.bind_cpu_input("logits_from", np.array([0 if all_logits else n - 1], np.int64))
         b.bind_cpu_input("position_ids", positions.reshape(1, size))
-        b.bind_cpu_input("attention_bias", self._chunk_bias)
+        b.bind_cpu_input("attention_bias", np.ascontiguousarray(self._chunk_bias[..., :total]))
         b.bind_cpu_input("query_seqlens", np.array([n], np.int32))
         rows = size if all_logits else size - n + 1
         logits = np.empty((1, rows, self.vocab_size), np.float32)

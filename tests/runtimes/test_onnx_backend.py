@@ -43,18 +43,19 @@ class _RecordingBinding:
         return getattr(self._binding, name)
 
 
+@pytest.mark.parametrize("static", [False, True])
 @pytest.mark.parametrize("chunk", [4, 16, 64])
 @pytest.mark.parametrize("length", [1, 15, 16, 45])
-def test_fixed_size_chunked_prefill_equals_one_shot_prefill(tiny_model, chunk, length):
+def test_fixed_size_chunked_prefill_equals_one_shot_prefill(tiny_model, chunk, length, static):
     backend, prompt = tiny_model.backend, [(7 * i) % 300 + 3 for i in range(length)]
     one_shot = backend.forward(prompt, 0, all_logits=True)
-    backend.chunk_size = chunk
+    backend.chunk_size, backend.static_shapes = chunk, static
     try:
         chunked = backend.forward(prompt, 0, all_logits=True)
         last = backend.forward(prompt, 0)[-1].copy()
         after = backend.decode_one(5, length)[0].copy()
     finally:
-        backend.chunk_size = None
+        backend.chunk_size, backend.static_shapes = None, False
     np.testing.assert_allclose(chunked, one_shot, atol=1e-4)
     np.testing.assert_allclose(last, one_shot[-1], atol=1e-4)
     backend.forward(prompt, 0)
@@ -63,12 +64,12 @@ def test_fixed_size_chunked_prefill_equals_one_shot_prefill(tiny_model, chunk, l
 
 def test_every_prefill_chunk_has_the_same_input_shapes(tiny_model):
     backend = tiny_model.backend
-    backend.chunk_size = 16
+    backend.chunk_size, backend.static_shapes = 16, True
     recorder = backend._prefill = _RecordingBinding(backend._prefill)
     try:
         backend.forward(list(range(3, 3 + 40)), 0)  # 16 + 16 + 8 (padded)
     finally:
-        backend.chunk_size, backend._prefill = None, recorder._binding
+        backend.chunk_size, backend.static_shapes, backend._prefill = None, False, recorder._binding
     calls = [dict(recorder.shapes[i:i + 7]) for i in range(0, len(recorder.shapes), 7)]
     assert len(calls) == 3
     assert all(c == calls[0] for c in calls)
