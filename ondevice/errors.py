@@ -35,3 +35,7 @@ class ChatTemplateError(OndeviceError):
 
 class TokenizerMismatchError(OndeviceError):
     """A draft whose tokenizer differs from its target's: their token ids would not mean the same."""
+
+
+class ProfileError(OndeviceError):
+    """A device profile that is missing, malformed, or has a figure out of range or without a source."""
