@@ -25,14 +25,18 @@ __all__ = ["load", "convert", "Model", "Generation", "OndeviceError", "BundleErr
 
 def load(path: str | os.PathLike, *, threads: int | None = None, verify: bool = True,
          providers: list[str] | None = None, draft: str | os.PathLike | None = None,
-         lookup: bool = False, prefill_chunk: int | None = None) -> Model:
+         lookup: bool = False, prefill_chunk: int | None = None,
+         profile: str | os.PathLike | None = None) -> Model:
     """Open a bundle: check it (sha256 of every file unless verify=False) and create the session once.
 
     The checksums are computed in a thread while ONNX Runtime builds its session; the model is
     handed out only after they all match. draft (a draft bundle with the same tokenizer) and/or
     lookup (prompt-lookup drafts) turn on speculative decoding: the output stays exactly the
     model's own; `model.speculator = None` turns it off again. prefill_chunk: prompts run in chunks of
-    exactly this many tokens (the last one padded), the static shapes an NPU graph needs."""
+    exactly this many tokens (the last one padded), the static shapes an NPU graph needs.
+    profile: a device profile (name in profiles/, a path, or "host"): its plan picks the execution
+    providers (the first available of its preference list; each fallback is logged), the prefill
+    chunk and the threads, unless given here."""
     from concurrent.futures import ThreadPoolExecutor
 
     from ondevice.bundle import read_bundle, verify_checksums
@@ -40,6 +44,12 @@ def load(path: str | os.PathLike, *, threads: int | None = None, verify: bool = 
     from ondevice.tokenizer import load_tokenizer
 
     started = time.perf_counter()
+    plan = None
+    if profile is not None:
+        plan = _plan(profile)
+        providers = providers or plan.providers
+        threads = threads or plan.threads
+        prefill_chunk = prefill_chunk if prefill_chunk is not None else plan.prefill_chunk
     threading = "spin"
     if draft is not None:  # the draft's session and this one take turns on the same cores
         threading = "shared" if share_thread_pool(threads) else "sleep"
@@ -53,6 +63,7 @@ def load(path: str | os.PathLike, *, threads: int | None = None, verify: bool = 
             if checked is not None:
                 checked.result()  # raises BundleError on a mismatch, before anything runs
         model = Model(bundle, backend, tokenizer=tokenizer.result())
+    model.plan = plan
     if prefill_chunk is not None:
         if prefill_chunk < 1:
             raise ValueError("prefill_chunk must be a positive number of tokens")
@@ -61,6 +72,12 @@ def load(path: str | os.PathLike, *, threads: int | None = None, verify: bool = 
         model.speculator = _speculator(model, draft, lookup, threads, verify, threading)
     model.load_s = time.perf_counter() - started
     return model
+
+
+def _plan(profile):
+    from ondevice.profiles import detect_host, load_profile, plan
+
+    return plan(detect_host() if str(profile) == "host" else load_profile(profile))  # logs each fallback
 
 
 def _speculator(model: Model, draft, lookup: bool, threads: int | None, verify: bool, threading: str):

@@ -16,7 +16,8 @@ def _load(args):
 
     speculation = {"draft": getattr(args, "draft", None), "lookup": getattr(args, "lookup", False)}
     return ondevice.load(args.bundle, threads=args.threads, verify=not args.no_verify,
-                         prefill_chunk=getattr(args, "prefill_chunk", None), **speculation)
+                         prefill_chunk=getattr(args, "prefill_chunk", None), profile=getattr(args, "profile", None),
+                         **speculation)
 
 
 def _sampling(args) -> dict:
@@ -139,6 +140,9 @@ def format_bench(r: dict) -> str:
     lines.append(f"decode          {fmt(r['decode_tok_s'], 'tok/s')} over {r['decode_tokens']} tokens")
     lines.append(f"ttft (128 tok)  {fmt(r['ttft_s'], 's')}")
     lines.append(f"peak RSS        {r['peak_rss_mb']:.0f} MB   ({r['repeats']} runs each, median)")
+    if r.get("providers"):
+        chunk = f", prefill in chunks of {r['prefill_chunk']}" if r.get("prefill_chunk") else ""
+        lines.append(f"ran on          {', '.join(r['providers'])}{chunk}")
     for kind, v in r.get("speculative", {}).items():
         lines.append(f"speculative {kind:10s} {v['speculative_tok_s']['median']:6.1f} vs plain "
                      f"{v['plain_tok_s']['median']:6.1f} tok/s = {v['speedup']['median']:.2f}x "
@@ -252,6 +256,8 @@ def build_parser() -> argparse.ArgumentParser:
         sp.add_argument("bundle")
         sp.add_argument("--threads", type=int, default=None)
         sp.add_argument("--no-verify", action="store_true", help="skip the sha256 check of the bundle")
+        sp.add_argument("--profile", default=None, help="device profile (a name in profiles/, a path, or "
+                        "'host'): execution providers, prefill chunk and threads come from its plan")
         sp.add_argument("--prefill-chunk", type=int, default=None, metavar="C",
                         help="prefill in fixed chunks of C tokens (static shapes, as for an NPU)")
         if speculation:

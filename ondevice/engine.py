@@ -76,6 +76,7 @@ class Model:
         self.max_context: int = bundle.max_context
         self._cached: list[int] = []  # token ids whose keys/values are in the KV cache
         self.speculator: Speculator | None = None  # set by ondevice.load(draft=..., lookup=...)
+        self.plan = None  # the device profile's plan, when ondevice.load(profile=...) was given one
 
     # -- prompts ----------------------------------------------------------------------------
     def encode_prompt(self, prompt: Prompt, raw: bool = False) -> list[int]:

@@ -275,3 +275,16 @@ def test_console_script_answers_with_the_real_smollm2(smollm2_bundle):
     result = one_json_object(proc.stdout)
     assert "Paris" in result["text"]
     assert len(result["token_ids"]) <= 12 and result["prompt_tokens"] > 7
+
+
+def test_bench_with_a_phone_profile_falls_back_to_the_cpu_and_says_so(capsys, tiny_bundle):
+    from ondevice.profiles import load_profile, plan
+
+    expected = plan(load_profile("snapdragon-8gen3-phone"))
+    code, out, _ = cli(capsys, "bench", tiny_bundle, "--json", "--repeat", 1, "--prompt-lengths", 16,
+                       "--decode-tokens", 8, "--profile", "snapdragon-8gen3-phone")
+    assert code == 0
+    r = one_json_object(out)
+    assert r["providers"] == ["CPUExecutionProvider"]  # no QNN/XNNPACK in this onnxruntime build
+    assert r["prefill_chunk"] == expected.prefill_chunk
+    assert any("falling back" in line for line in r["provider_fallbacks"])
