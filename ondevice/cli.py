@@ -183,8 +183,15 @@ def cmd_inspect(args) -> int:
 
     bundle = read_bundle(args.bundle, verify=False)
     m = bundle.manifest
+    run_plan = None
+    if args.profile:  # what would run where on that device, with this onnxruntime build
+        from ondevice.profiles import detect_host, load_profile, plan
+
+        p = plan(detect_host() if args.profile == "host" else load_profile(args.profile), m)
+        run_plan = {"profile": args.profile, "providers": [name for name, _ in p.providers],
+                    "prefill_chunk": p.prefill_chunk, "threads": p.threads, "fallbacks": p.fallbacks}
     if args.json:
-        print(json.dumps(m, indent=2))
+        print(json.dumps(dict(m, plan=run_plan) if run_plan else m, indent=2))
         return 0
     c, q = m["config"], m["quantization"]
     print(f"bundle        {bundle.path}")
@@ -200,6 +207,10 @@ def cmd_inspect(args) -> int:
         d = m["draft"]
         print(f"draft         of {d['target'].get('source_name') or 'target'}: layers {d['layers_kept']} of "
               f"{d['source_layers']}, {d['vocab_kept']} vocabulary rows")
+    if run_plan:
+        print(f"plan          {run_plan['profile']}: {', '.join(run_plan['providers'])} (first available "
+              f"runs the graph), prefill {'chunks of ' + str(run_plan['prefill_chunk']) if run_plan['prefill_chunk'] else 'one-shot'}, "
+              f"{run_plan['threads']} threads")
     print("files")
     for name, info in m["files"].items():
         print(f"  {name:<20} {info['bytes'] / 1e6:9.2f} MB  sha256 {info['sha256'][:16]}…")
@@ -301,6 +312,7 @@ def build_parser() -> argparse.ArgumentParser:
     i = sub.add_parser("inspect", help="what a bundle holds")
     i.add_argument("bundle")
     i.add_argument("--json", action="store_true")
+    i.add_argument("--profile", default=None, help="also show the plan for this device profile (or 'host')")
     i.set_defaults(func=cmd_inspect)
 
     v = sub.add_parser("verify", help="check a bundle's files against their checksums")
