@@ -143,6 +143,8 @@ def format_bench(r: dict) -> str:
     if r.get("providers"):
         chunk = f", prefill in chunks of {r['prefill_chunk']}" if r.get("prefill_chunk") else ""
         lines.append(f"ran on          {', '.join(r['providers'])}{chunk}")
+    if r.get("node_placement"):
+        lines.append("graph nodes     " + ", ".join(f"{n} on {p}" for p, n in r["node_placement"].items()))
     for kind, v in r.get("speculative", {}).items():
         lines.append(f"speculative {kind:10s} {v['speculative_tok_s']['median']:6.1f} vs plain "
                      f"{v['plain_tok_s']['median']:6.1f} tok/s = {v['speedup']['median']:.2f}x "

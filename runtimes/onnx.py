@@ -39,8 +39,12 @@ def share_thread_pool(threads: int | None) -> bool:
     return _process["shared_threads"] == threads
 
 
-def session_options(threads: int | None, threading: str = "spin") -> ort.SessionOptions:
+def session_options(threads: int | None, threading: str = "spin", profile_prefix: str | None = None
+                    ) -> ort.SessionOptions:
     opts = ort.SessionOptions()
+    if profile_prefix:  # ORT writes a JSON trace of every node run (with the provider that ran it)
+        opts.enable_profiling = True
+        opts.profile_file_prefix = profile_prefix
     opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
     opts.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
     if threading == "shared":
@@ -57,7 +61,7 @@ class OnnxBackend:
     """Runs the bundle's decoder graph over T new tokens at a time."""
 
     def __init__(self, bundle: Bundle, threads: int | None = None, providers: list | None = None,
-                 capacity: int = 256, threading: str = "spin"):
+                 capacity: int = 256, threading: str = "spin", profile_prefix: str | None = None):
         spec = bundle.manifest["backends"].get("onnx")
         if spec is None:
             raise BundleError(f"{bundle.path}: the bundle has no ONNX graph")
@@ -72,12 +76,13 @@ class OnnxBackend:
         self.vocab_size = bundle.logits_width() or int(bundle.config["vocab_size"])  # a draft's head may be trimmed
         try:
             self.session = ort.InferenceSession(os.fspath(bundle.file(spec["graph"])),
-                                                sess_options=session_options(threads, threading),
+                                                sess_options=session_options(threads, threading, profile_prefix),
                                                 providers=providers or ["CPUExecutionProvider"])
         except Exception as e:  # ORT raises its own Fail/InvalidGraph types
             raise BundleError(f"{bundle.path}: ONNX Runtime cannot load the graph: {e}") from e
         _process["sessions"] += 1
         self.providers: list[str] = self.session.get_providers()  # the execution providers that ran it
+        self.requested_providers = providers
         self.chunk_size: int | None = None  # set: prefill runs in fixed-size padded chunks
         self.static_shapes = False  # chunks' attention spans the whole cache: identical shapes every call
         self._chunk_bias: np.ndarray | None = None
@@ -225,3 +230,23 @@ class OnnxBackend:
         self._decode.bind_cpu_input("attention_bias", self._no_bias[..., :past_len + 1])
         self.session.run_with_iobinding(self._decode)
         return self._logits[0]
+
+
+def node_placement(bundle: Bundle, providers: list | None = None, threads: int | None = None) -> dict[str, int]:
+    """Which execution provider ran how many nodes of the graph: one profiled prefill + decode step
+    in a separate session (ORT's trace names each node's provider)."""
+    import json
+    import tempfile
+
+    with tempfile.TemporaryDirectory() as tmp:
+        backend = OnnxBackend(bundle, threads=threads, providers=providers, capacity=64,
+                              profile_prefix=os.path.join(tmp, "placement"))
+        backend.forward([0, 1], 0)
+        backend.decode_one(2, 2)
+        events = json.loads(open(backend.session.end_profiling()).read())
+    nodes: dict[str, set] = {}
+    for e in events:
+        provider = e.get("args", {}).get("provider")
+        if e.get("cat") == "Node" and provider:
+            nodes.setdefault(provider, set()).add(e["name"].rsplit("_kernel_time", 1)[0])
+    return {provider: len(names) for provider, names in nodes.items()}

@@ -288,6 +288,7 @@ def test_bench_with_a_phone_profile_falls_back_to_the_cpu_and_says_so(capsys, ti
     assert r["providers"] == ["CPUExecutionProvider"]  # no QNN/XNNPACK in this onnxruntime build
     assert r["prefill_chunk"] == expected.prefill_chunk
     assert any("falling back" in line for line in r["provider_fallbacks"])
+    assert set(r["node_placement"]) == {"CPUExecutionProvider"} and r["node_placement"]["CPUExecutionProvider"] > 10
 
 
 def test_inspect_with_a_profile_shows_the_plan(capsys, tiny_bundle):
