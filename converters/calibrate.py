@@ -20,6 +20,8 @@ from tokenizers import Tokenizer
 
 from ondevice.converters.canonical import QTensor, Weight
 
+OUTLIER_RATIO = 6.0  # an input channel whose |max| exceeds this many times the layer's median is an outlier
+
 CALIBRATION_FILE = "calibration.txt"
 
 
@@ -71,12 +73,15 @@ def embed(weights: dict[str, Weight], ids: np.ndarray) -> np.ndarray:
     return picked[np.searchsorted(rows, ids)]
 
 
-def layer_forward(x: np.ndarray, weights: dict[str, Weight], cfg, i: int) -> np.ndarray:
-    """The residual stream [B, T, hidden] after layer i (causal attention within each window)."""
+def layer_forward(x: np.ndarray, weights: dict[str, Weight], cfg, i: int, observe=None) -> np.ndarray:
+    """The residual stream [B, T, hidden] after layer i (causal attention within each window).
+    observe(name, h), if given, sees the input of every linear layer (for activation statistics)."""
     def w(name: str) -> np.ndarray:
         return _float(weights[f"model.layers.{i}.{name}.weight"])
 
     def linear(h: np.ndarray, name: str) -> np.ndarray:  # one matrix product over all windows
+        if observe is not None:
+            observe(f"model.layers.{i}.{name}", h)
         return (h.reshape(-1, h.shape[-1]) @ w(name).T).reshape(*h.shape[:-1], -1)
 
     b, t, _ = x.shape
@@ -127,3 +132,25 @@ def layer_scores(weights: dict[str, Weight], cfg, ids: np.ndarray) -> np.ndarray
         scores[i] = 1.0 - float(cos.mean())
         x = y
     return scores
+
+
+def activation_ranges(weights: dict[str, Weight], cfg, ids: np.ndarray) -> dict[str, np.ndarray]:
+    """For every linear layer (canonical name without .weight), the largest |value| each of its input
+    channels takes over the calibration windows ids [B, T]: what a static per-tensor int8 scale and
+    the choice of outlier channels (mllm-NPU's shadow execution) are computed from."""
+    ranges: dict[str, np.ndarray] = {}
+
+    def observe(name: str, h: np.ndarray) -> None:
+        amax = np.abs(h).reshape(-1, h.shape[-1]).max(0)
+        ranges[name] = np.maximum(ranges[name], amax) if name in ranges else amax
+
+    x = embed(weights, np.atleast_2d(ids))
+    for i in range(cfg.num_layers):
+        x = layer_forward(x, weights, cfg, i, observe)
+    return ranges
+
+
+def outlier_channels(ranges: dict[str, np.ndarray], ratio: float = OUTLIER_RATIO) -> dict[str, np.ndarray]:
+    """Per linear layer, the input channels whose range exceeds `ratio` times the median channel's:
+    quantizing them with the rest would spend most of the int8 range on a few channels."""
+    return {name: np.flatnonzero(r > ratio * np.median(r)) for name, r in ranges.items()}

@@ -242,3 +242,25 @@ def test_the_cli_converts_a_draft(deep_gguf, deep_target, tmp_path, capsys):
     assert len(manifest["draft"]["layers_kept"]) == 3 and manifest["vocab_map"]["size"] == 290
     assert main(["inspect", str(out)]) == 0
     assert "draft" in capsys.readouterr().out
+
+
+def test_calibration_finds_a_planted_outlier_channel_in_the_linear_inputs(tiny_gguf):
+    from ondevice.converters import calibrate
+    from ondevice.converters.arch import get_architecture
+    from ondevice.converters.sources import read_source
+
+    ckpt = read_source(tiny_gguf)
+    arch = get_architecture(ckpt.architecture)
+    cfg = arch.config_from_gguf(ckpt.metadata, ckpt.weights)
+    weights = dict(arch.canonical_from_gguf(ckpt.weights, cfg))
+    norm = np.array(weights["model.layers.0.input_layernorm.weight"], np.float32)
+    norm[5] *= 100.0  # channel 5 of the attention input of layer 0 becomes huge
+    weights["model.layers.0.input_layernorm.weight"] = norm
+    ids = np.arange(3, 3 + 32)[None, :]
+    ranges = calibrate.activation_ranges(weights, cfg, ids)
+    assert set(ranges) >= {f"model.layers.{i}.{n}" for i in range(cfg.num_layers)
+                           for n in ("self_attn.q_proj", "self_attn.o_proj", "mlp.gate_proj", "mlp.down_proj")}
+    assert ranges["model.layers.0.self_attn.q_proj"].shape == (cfg.hidden_size,)
+    outliers = calibrate.outlier_channels(ranges)
+    assert 5 in outliers["model.layers.0.self_attn.q_proj"]
+    assert 5 in outliers["model.layers.0.self_attn.k_proj"]
