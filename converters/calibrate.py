@@ -73,15 +73,19 @@ def embed(weights: dict[str, Weight], ids: np.ndarray) -> np.ndarray:
     return picked[np.searchsorted(rows, ids)]
 
 
-def layer_forward(x: np.ndarray, weights: dict[str, Weight], cfg, i: int, observe=None) -> np.ndarray:
+def layer_forward(x: np.ndarray, weights: dict[str, Weight], cfg, i: int, observe=None,
+                  transform=None) -> np.ndarray:
     """The residual stream [B, T, hidden] after layer i (causal attention within each window).
-    observe(name, h), if given, sees the input of every linear layer (for activation statistics)."""
+    observe(name, h), if given, sees the input of every linear layer (for activation statistics);
+    transform(name, h) replaces it (to simulate quantized activations)."""
     def w(name: str) -> np.ndarray:
         return _float(weights[f"model.layers.{i}.{name}.weight"])
 
     def linear(h: np.ndarray, name: str) -> np.ndarray:  # one matrix product over all windows
         if observe is not None:
             observe(f"model.layers.{i}.{name}", h)
+        if transform is not None:
+            h = transform(f"model.layers.{i}.{name}", h)
         return (h.reshape(-1, h.shape[-1]) @ w(name).T).reshape(*h.shape[:-1], -1)
 
     b, t, _ = x.shape
