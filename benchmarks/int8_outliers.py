@@ -20,7 +20,7 @@ from ondevice.converters.arch import get_architecture
 from ondevice.converters.sources import read_source, resolve_source
 
 
-def fake_int8(h: np.ndarray, scale: float, keep: np.ndarray | None) -> np.ndarray:
+def fake_int8(h: np.ndarray, scale, keep: np.ndarray | None) -> np.ndarray:
     q = np.clip(np.round(h / scale), -127, 127) * scale
     if keep is not None and len(keep):
         q[..., keep] = h[..., keep]
@@ -45,16 +45,22 @@ def main() -> None:
     ranges = calibrate.activation_ranges(weights, cfg, calib)
     outliers = calibrate.outlier_channels(ranges, args.ratio)
 
-    def quantizer(shadow: bool):
+    def quantizer(shadow: bool, per_chunk: bool = False):
         def quant(name: str, h: np.ndarray) -> np.ndarray:
-            r = ranges[name]
             keep = outliers[name] if shadow else None
-            rest = np.delete(r, keep) if keep is not None and len(keep) else r
-            return fake_int8(h, float(rest.max()) / 127.0, keep)
+            if per_chunk:  # one scale per chunk (window) from its own values: same shapes, no calibration
+                rest = np.delete(np.abs(h), keep, axis=-1) if keep is not None and len(keep) else np.abs(h)
+                scale = rest.max(axis=(1, 2), keepdims=True) / 127.0
+            else:
+                r = ranges[name]
+                rest = np.delete(r, keep) if keep is not None and len(keep) else r
+                scale = float(rest.max()) / 127.0
+            return fake_int8(h, scale, keep)
         return quant
 
     reference = forward_top1(weights, cfg, evaluate, None)
-    for label, quant in (("int8, no outliers kept", quantizer(False)), ("int8 + shadow outliers", quantizer(True))):
+    for label, quant in (("int8, no outliers kept", quantizer(False)), ("int8 + shadow outliers", quantizer(True)),
+                         ("per-chunk scale + shadow", quantizer(True, per_chunk=True))):
         got = forward_top1(weights, cfg, evaluate, quant)
         print(f"{label:24s} top-1 agreement with float {100 * (got == reference).mean():6.2f}% "
               f"over {reference.size} positions")
