@@ -58,9 +58,25 @@ def main() -> None:
             return fake_int8(h, scale, keep)
         return quant
 
+    # SmoothQuant: divide each input channel by s = sqrt(range_x / range_w) and multiply the weight
+    # column by s (exact in float), so activations and weights share the difficulty; then int8
+    column_max = {}
+    for name in ranges:
+        column_max[name] = np.abs(calibrate._float(weights[name + ".weight"])).max(0) + 1e-8
+
+    def smooth(shadow: bool):
+        def quant(name: str, h: np.ndarray) -> np.ndarray:
+            s = np.sqrt(np.maximum(ranges[name], 1e-8) / column_max[name])
+            keep = outliers[name] if shadow else None
+            r = ranges[name] / s
+            rest = np.delete(r, keep) if keep is not None and len(keep) else r
+            return fake_int8(h / s, float(rest.max()) / 127.0, keep) * s
+        return quant
+
     reference = forward_top1(weights, cfg, evaluate, None)
     for label, quant in (("int8, no outliers kept", quantizer(False)), ("int8 + shadow outliers", quantizer(True)),
-                         ("per-chunk scale + shadow", quantizer(True, per_chunk=True))):
+                         ("per-chunk scale + shadow", quantizer(True, per_chunk=True)),
+                         ("smoothquant", smooth(False)), ("smoothquant + shadow", smooth(True))):
         got = forward_top1(weights, cfg, evaluate, quant)
         print(f"{label:24s} top-1 agreement with float {100 * (got == reference).mean():6.2f}% "
               f"over {reference.size} positions")
