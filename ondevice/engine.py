@@ -16,7 +16,7 @@ from ondevice.bundle import Bundle
 from ondevice.errors import ContextOverflowError
 from ondevice.runtimes.base import Backend
 from ondevice.sampling import SamplingParams, sample
-from ondevice.speculative import Speculator, accept
+from ondevice.speculative import Speculator, accept, common_prefix
 from ondevice.tokenizer import StreamingDetokenizer, Tokenizer, load_tokenizer
 
 Message = dict  # {"role": "user" | "assistant" | "system", "content": str}
@@ -172,7 +172,7 @@ class Model:
                 eos: frozenset[int]) -> Iterator[int]:
         """Prefill (reusing the cached prefix), then decode one token at a time."""
         backend = self.backend
-        reuse = _common_prefix(self._cached, ids)
+        reuse = common_prefix(self._cached, ids)
         reuse = min(reuse, len(ids) - 1)  # the last prompt token must run to give logits
         backend.ensure_capacity(len(ids) + max_tokens)
         self._cached = self._cached[:reuse]
@@ -247,14 +247,6 @@ class Model:
                               min_p=float(pick(min_p, "min_p", 0.0)),
                               repetition_penalty=float(pick(repetition_penalty, "repetition_penalty", 1.0)),
                               seed=seed)
-
-
-def _common_prefix(a: list[int], b: list[int]) -> int:
-    n = min(len(a), len(b))
-    i = 0
-    while i < n and a[i] == b[i]:
-        i += 1
-    return i
 
 
 def _first_stop(text: str, stops: list[str]) -> int:

@@ -180,7 +180,7 @@ class DraftModel:
 
     def start(self, context: list[int]) -> np.ndarray:
         """Bring the cache to `context` and return the draft's logits after its last token."""
-        reuse = min(_common_prefix(self.cached, context), len(context) - 1)
+        reuse = min(common_prefix(self.cached, context), len(context) - 1)
         logits = self.backend.forward(context[reuse:], reuse)[-1]
         self.cached = list(context)
         return logits
@@ -347,7 +347,7 @@ class Speculator:
         return tree
 
     def _grow_draft(self, tree: TokenTree, context: list[int], params: SamplingParams, rng: np.random.Generator,
-                    depth_cap: int) -> int:
+                    depth_cap: int) -> None:
         cfg, draft = self.config, self.draft
         logits = draft.start(context)
         node, conf, steps, expected = 0, 1.0, 1, 1.0
@@ -385,7 +385,6 @@ class Speculator:
             logits = draft.step(tree.tokens[node])
             self.t_draft.add(time.perf_counter() - t0)
             steps += 1
-        return steps
 
     def _add_lookup(self, tree: TokenTree, chain: list[int], a: float) -> None:
         node, conf = 0, 1.0
@@ -474,7 +473,8 @@ class Speculator:
         self._probe = True
 
 
-def _common_prefix(a: list[int], b: list[int]) -> int:
+def common_prefix(a: list[int], b: list[int]) -> int:
+    """How many leading tokens a and b share (what a KV cache holding a can reuse for b)."""
     n = min(len(a), len(b))
     i = 0
     while i < n and a[i] == b[i]:

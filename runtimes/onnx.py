@@ -26,7 +26,6 @@ PREFILL_CHUNK = 512  # longer prompts run in chunks: bounds the [T, past + T] at
 # Two sessions that take turns (a draft and its target) must not keep each other's cores busy:
 # "shared" runs both on one process-wide thread pool (possible only before ORT's first session),
 # "sleep" gives each its own pool whose threads sleep between runs; "spin" (one model) keeps them hot.
-THREADING = ("spin", "sleep", "shared")
 _process = {"sessions": 0, "shared_threads": None}
 
 
