@@ -139,80 +139,125 @@ def _norm(w: Weight) -> np.ndarray:
     return w.dequantize() if isinstance(w, QTensor) else np.asarray(w, np.float32)
 
 
-def build(g: GraphBuilder, cfg: LlamaConfig, weights: dict[str, Weight], spec: QuantSpec,
-          max_context: int) -> dict:
-    """Compose the decoder graph; returns the quantization record for the manifest."""
-    def need(name: str) -> Weight:
-        if name not in weights:
+class LlamaWeights:
+    """The checkpoint's tensors as graph weights: norms as float, linears quantized by `spec`
+    (several names concatenated row-wise, e.g. q, k, v); records how each group was quantized."""
+
+    def __init__(self, weights: dict[str, Weight], spec: QuantSpec):
+        self.weights, self.spec = weights, spec
+        self.quant_record: dict[str, str] = {}
+
+    def need(self, name: str) -> Weight:
+        if name not in self.weights:
             raise SourceFormatError(f"checkpoint lacks tensor {name}")
-        return weights[name]
+        return self.weights[name]
 
-    quant_record: dict[str, str] = {}
+    def norm(self, name: str) -> np.ndarray:
+        return _norm(self.need(name))
 
-    def linear_weight(names: list[str], key: str, keep_8bit: bool = False):
-        parts = [quantize_linear(need(n), spec, keep_8bit) for n in names]
+    def linear(self, names: list[str], key: str, keep_8bit: bool = False):
+        parts = [quantize_linear(self.need(n), self.spec, keep_8bit) for n in names]
         if len(parts) == 1:
             w = parts[0]
         elif all(isinstance(p, np.ndarray) for p in parts):
             w = np.concatenate(parts)
         else:
             w = concat_rows(parts)
-        quant_record[key] = getattr(w, "source", spec.mode)
+        self.quant_record[key] = getattr(w, "source", self.spec.mode)
         return w
 
-    ids = g.input("input_ids", "int64", [1, "T"])
-    seqlens_k = g.input("seqlens_k", "int32", [1])
-    total_len = g.input("total_sequence_length", "int32", [])
-    logits_from = g.input("logits_from", "int64", [1])
+
+# The pieces of a decoder graph. The one-shot graph (`build`) chains them; the split prefill graphs
+# (converters/split_prefill.py) put each in its own graph, so an NPU can run the linear ones and a
+# CPU the attention over the KV cache.
+
+def attention_inputs(g: GraphBuilder, cfg: LlamaConfig, max_context: int, chunk: int | str = "T") -> dict[str, str]:
+    """The inputs GroupQueryAttention needs besides qkv and the cache (see `build`), and the rope tables."""
     # Explicit positions and an additive mask over (past + T) let one graph verify a token tree;
     # plain prefill/decode pass consecutive positions and zeros (GQA still applies causality).
-    position_ids = g.input("position_ids", "int64", [1, "T"])
-    attention_bias = g.input("attention_bias", "float32", [1, 1, "T", "total"])
-    # How many of the T rows are real tokens: a fixed-size chunk pads the rest (static shapes for NPUs;
-    # total_sequence_length may then be the cache capacity, an upper bound).
-    query_seqlens = g.input("query_seqlens", "int32", [1])
+    # query_seqlens: how many of the T rows are real tokens: a fixed-size chunk pads the rest (static
+    # shapes for NPUs; total_sequence_length may then be the cache capacity, an upper bound).
     cos, sin = rope_cache(cfg, max_context)
-    cos, sin = g.const("rope.cos", cos), g.const("rope.sin", sin)
-    eps, kv, hd = cfg.rms_norm_eps, cfg.num_kv_heads, cfg.head_dim
+    return {"seqlens_k": g.input("seqlens_k", "int32", [1]),
+            "total_len": g.input("total_sequence_length", "int32", []),
+            "position_ids": g.input("position_ids", "int64", [1, chunk]),
+            "attention_bias": g.input("attention_bias", "float32", [1, 1, chunk, "total"]),
+            "query_seqlens": g.input("query_seqlens", "int32", [1]),
+            "cos": g.const("rope.cos", cos), "sin": g.const("rope.sin", sin)}
 
-    embed = linear_weight(["model.embed_tokens.weight"], "embedding", keep_8bit=True)
-    x = g.embedding(ids, embed, "model.embed_tokens", cfg.hidden_size)
 
-    residual = x
-    normed = g.rms_norm(x, _norm(need("model.layers.0.input_layernorm.weight")), eps, "model.layers.0.input_norm")
-    for i in range(cfg.num_layers):
-        p = f"model.layers.{i}"
-        qkv = linear_weight([f"{p}.self_attn.{n}_proj.weight" for n in "qkv"], "attention.qkv")
-        qkv = g.linear(normed, qkv, f"{p}.self_attn.qkv_proj")
-        past_k = g.input(f"past_key.{i}", "float32", [1, kv, "capacity", hd])
-        past_v = g.input(f"past_value.{i}", "float32", [1, kv, "capacity", hd])
-        attn, _, _ = g.node(
-            "GroupQueryAttention", [qkv, "", "", past_k, past_v, seqlens_k, total_len, cos, sin, position_ids, attention_bias,
-             "", "", "", "", "", query_seqlens],
-            [f"{p}.attn.out", f"present_key.{i}", f"present_value.{i}"], MS_DOMAIN,
-            num_heads=cfg.num_heads, kv_num_heads=kv, do_rotary=1, rotary_interleaved=0,
-            scale=float(hd ** -0.5))
-        g.output(f"present_key.{i}", "float32", [1, kv, "capacity", hd])
-        g.output(f"present_value.{i}", "float32", [1, kv, "capacity", hd])
-        o = g.linear(attn, linear_weight([f"{p}.self_attn.o_proj.weight"], "attention.o"), f"{p}.self_attn.o_proj")
-        normed, residual = g.skip_rms_norm(o, residual, _norm(need(f"{p}.post_attention_layernorm.weight")),
-                                           eps, f"{p}.post_attention_norm")
-        gate_up = linear_weight([f"{p}.mlp.gate_proj.weight", f"{p}.mlp.up_proj.weight"], "mlp.gate_up")
-        h = g.silu_mul(g.linear(normed, gate_up, f"{p}.mlp.gate_up_proj"), f"{p}.mlp")
-        down = g.linear(h, linear_weight([f"{p}.mlp.down_proj.weight"], "mlp.down"), f"{p}.mlp.down_proj")
-        next_norm = (f"model.layers.{i + 1}.input_layernorm.weight" if i + 1 < cfg.num_layers
-                     else "model.norm.weight")
-        normed, residual = g.skip_rms_norm(down, residual, _norm(need(next_norm)), eps, f"{p}.output_norm")
+def embed(g: GraphBuilder, cfg: LlamaConfig, w: LlamaWeights, ids: str):
+    """Token rows, and the first layer's input norm: (normed, residual, embedding weight)."""
+    table = w.linear(["model.embed_tokens.weight"], "embedding", keep_8bit=True)
+    x = g.embedding(ids, table, "model.embed_tokens", cfg.hidden_size)
+    normed = g.rms_norm(x, w.norm("model.layers.0.input_layernorm.weight"), cfg.rms_norm_eps,
+                        "model.layers.0.input_norm")
+    return normed, x, table
 
+
+def qkv_projection(g: GraphBuilder, w: LlamaWeights, i: int, normed: str) -> str:
+    p = f"model.layers.{i}"
+    qkv = w.linear([f"{p}.self_attn.{n}_proj.weight" for n in "qkv"], "attention.qkv")
+    return g.linear(normed, qkv, f"{p}.self_attn.qkv_proj")
+
+
+def attention(g: GraphBuilder, cfg: LlamaConfig, i: int, qkv: str, a: dict[str, str], kv_suffix: str) -> str:
+    """GroupQueryAttention (rotary inside) of layer i over the shared past/present buffer named
+    past_key{kv_suffix} etc.; returns the attention output [1, T, heads * head_dim]."""
+    kv, hd = cfg.num_kv_heads, cfg.head_dim
+    past_k = g.input(f"past_key{kv_suffix}", "float32", [1, kv, "capacity", hd])
+    past_v = g.input(f"past_value{kv_suffix}", "float32", [1, kv, "capacity", hd])
+    out, _, _ = g.node(
+        "GroupQueryAttention", [qkv, "", "", past_k, past_v, a["seqlens_k"], a["total_len"], a["cos"], a["sin"],
+                                a["position_ids"], a["attention_bias"], "", "", "", "", "", a["query_seqlens"]],
+        [f"model.layers.{i}.attn.out", f"present_key{kv_suffix}", f"present_value{kv_suffix}"], MS_DOMAIN,
+        num_heads=cfg.num_heads, kv_num_heads=kv, do_rotary=1, rotary_interleaved=0, scale=float(hd ** -0.5))
+    g.output(f"present_key{kv_suffix}", "float32", [1, kv, "capacity", hd])
+    g.output(f"present_value{kv_suffix}", "float32", [1, kv, "capacity", hd])
+    return out
+
+
+def after_attention(g: GraphBuilder, cfg: LlamaConfig, w: LlamaWeights, i: int, attn: str,
+                    residual: str) -> tuple[str, str]:
+    """O projection + residual + norm + MLP + residual + the next layer's input norm (the final norm
+    after the last layer): (normed, residual) for the next layer."""
+    p, eps = f"model.layers.{i}", cfg.rms_norm_eps
+    o = g.linear(attn, w.linear([f"{p}.self_attn.o_proj.weight"], "attention.o"), f"{p}.self_attn.o_proj")
+    normed, residual = g.skip_rms_norm(o, residual, w.norm(f"{p}.post_attention_layernorm.weight"), eps,
+                                       f"{p}.post_attention_norm")
+    gate_up = w.linear([f"{p}.mlp.gate_proj.weight", f"{p}.mlp.up_proj.weight"], "mlp.gate_up")
+    h = g.silu_mul(g.linear(normed, gate_up, f"{p}.mlp.gate_up_proj"), f"{p}.mlp")
+    down = g.linear(h, w.linear([f"{p}.mlp.down_proj.weight"], "mlp.down"), f"{p}.mlp.down_proj")
+    next_norm = f"model.layers.{i + 1}.input_layernorm.weight" if i + 1 < cfg.num_layers else "model.norm.weight"
+    return g.skip_rms_norm(down, residual, w.norm(next_norm), eps, f"{p}.output_norm")
+
+
+def lm_head(g: GraphBuilder, cfg: LlamaConfig, w: LlamaWeights, normed: str, logits_from: str, table) -> str:
+    """Logits of the positions from `logits_from` on (output "logits"); `table` is the embedding
+    weight a tied head shares."""
     ends = g.const("logits.ends", np.array([np.iinfo(np.int64).max], np.int64))
     axis = g.const("logits.axis", np.array([1], np.int64))
     kept = g.node("Slice", [normed, logits_from, ends, axis], "logits.kept")[0]
     if cfg.tie_embeddings:
-        head = embed
-        quant_record["lm_head"] = "tied to embedding"
+        head = table
+        w.quant_record["lm_head"] = "tied to embedding"
     else:
-        head = linear_weight(["lm_head.weight"], "lm_head", keep_8bit=True)
+        head = w.linear(["lm_head.weight"], "lm_head", keep_8bit=True)
     g.linear(kept, head, "model.embed_tokens" if cfg.tie_embeddings else "lm_head")
     g.nodes[-1].output[0] = "logits"
-    g.output("logits", "float32", [1, "L", head.shape[0]])  # a draft's head may keep fewer rows
-    return quant_record
+    return g.output("logits", "float32", [1, "L", head.shape[0]])  # a draft's head may keep fewer rows
+
+
+def build(g: GraphBuilder, cfg: LlamaConfig, weights: dict[str, Weight], spec: QuantSpec,
+          max_context: int) -> dict:
+    """Compose the decoder graph; returns the quantization record for the manifest."""
+    w = LlamaWeights(weights, spec)
+    ids = g.input("input_ids", "int64", [1, "T"])
+    a = attention_inputs(g, cfg, max_context)
+    logits_from = g.input("logits_from", "int64", [1])
+    normed, residual, table = embed(g, cfg, w, ids)
+    for i in range(cfg.num_layers):
+        attn = attention(g, cfg, i, qkv_projection(g, w, i, normed), a, kv_suffix=f".{i}")
+        normed, residual = after_attention(g, cfg, w, i, attn, residual)
+    lm_head(g, cfg, w, normed, logits_from, table)
+    return w.quant_record
