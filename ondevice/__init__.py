@@ -26,7 +26,7 @@ __all__ = ["load", "convert", "Model", "Generation", "OndeviceError", "BundleErr
 def load(path: str | os.PathLike, *, threads: int | None = None, verify: bool = True,
          providers: list[str] | None = None, draft: str | os.PathLike | None = None,
          lookup: bool = False, prefill_chunk: int | None = None,
-         profile: str | os.PathLike | None = None) -> Model:
+         profile: str | os.PathLike | None = None, int8_prefill: bool = False) -> Model:
     """Open a bundle: check it (sha256 of every file unless verify=False) and create the session once.
 
     The checksums are computed in a thread while ONNX Runtime builds its session; the model is
@@ -36,10 +36,12 @@ def load(path: str | os.PathLike, *, threads: int | None = None, verify: bool = 
     exactly this many tokens (the last one padded), the static shapes an NPU graph needs.
     profile: a device profile (name in profiles/, a path, or "host"): its plan picks the execution
     providers (the first available of its preference list; each fallback is logged), the prefill
-    chunk and the threads, unless given here."""
+    chunk and the threads, unless given here. int8_prefill: prompts prefill in fixed-size chunks through
+    the bundle's int8 graph (convert with int8_prefill=True); decoding stays on the float graph."""
     from concurrent.futures import ThreadPoolExecutor
 
     from ondevice.bundle import read_bundle, verify_checksums
+    from ondevice.runtimes.memory import trim_heap
     from ondevice.runtimes.onnx import OnnxBackend, share_thread_pool
     from ondevice.tokenizer import load_tokenizer
 
@@ -63,11 +65,14 @@ def load(path: str | os.PathLike, *, threads: int | None = None, verify: bool = 
             if checked is not None:
                 checked.result()  # raises BundleError on a mismatch, before anything runs
         model = Model(bundle, backend, tokenizer=tokenizer.result())
+    trim_heap()  # the graph protos and tokenizer JSON parsed above
     model.plan = plan
     if prefill_chunk is not None:
         if prefill_chunk < 1:
             raise ValueError("prefill_chunk must be a positive number of tokens")
         backend.chunk_size = int(prefill_chunk)
+    if int8_prefill:
+        backend.use_int8_prefill(bundle, threads=threads, providers=providers, threading=threading)
     if draft is not None or lookup:
         model.speculator = _speculator(model, draft, lookup, threads, verify, threading)
     model.load_s = time.perf_counter() - started
@@ -103,7 +108,8 @@ def _speculator(model: Model, draft, lookup: bool, threads: int | None, verify: 
 def convert(source: str | os.PathLike, out: str | os.PathLike, *, quant: str = "q4", block_size: int = 32,
             symmetric: bool = False, max_context: int | None = None, compute: str = "float",
             draft_of: str | os.PathLike | None = None, draft_layers: int | None = None,
-            draft_vocab: int | None = None, force: bool = False, progress: bool = True) -> Path:
+            draft_vocab: int | None = None, int8_prefill: bool | dict = False, force: bool = False,
+            progress: bool = True) -> Path:
     """Convert a GGUF file, a Hugging Face folder or a model alias (e.g. "smollm2-135m") into a bundle.
 
     quant: q4 (default; GGUF 4-bit blocks kept exactly) | q8 | fp16 | fp32; block_size and symmetric
@@ -112,9 +118,12 @@ def convert(source: str | os.PathLike, out: str | os.PathLike, *, quant: str = "
 
     draft_of: a target bundle with the same tokenizer; the source is then trimmed into a small draft
     for speculative decoding, keeping draft_layers decoder layers and draft_vocab LM-head rows.
+
+    int8_prefill: also write the NPU-style int8 prefill graph (static int8 activations calibrated on
+    the converter's text, int8 weights, shadow outlier channels in float); load(int8_prefill=True) uses it.
     """
     from ondevice.converters.convert import convert as _convert
 
     return _convert(source, out, quant=quant, block_size=block_size, symmetric=symmetric,
                     max_context=max_context, compute=compute, draft_of=draft_of, draft_layers=draft_layers,
-                    draft_vocab=draft_vocab, force=force, progress=progress)
+                    draft_vocab=draft_vocab, int8_prefill=int8_prefill, force=force, progress=progress)

@@ -152,6 +152,9 @@ def _referenced_files(manifest: dict) -> list[str]:
     names = [manifest.get("tokenizer", {}).get("file"), vocab_map.get("file") if isinstance(vocab_map, dict) else None]
     for backend in manifest.get("backends", {}).values():
         names += [backend.get("graph"), backend.get("data")]
+        extra = backend.get("prefill_int8") if isinstance(backend, dict) else None
+        if isinstance(extra, dict):  # the optional int8 prefill graph
+            names += [extra.get("graph"), extra.get("data")]
     return [n for n in names if n]
 
 
@@ -169,6 +172,7 @@ def atomic_bundle_dir(target: str | os.PathLike, force: bool = False) -> Iterato
     try:
         yield tmp
         _default_permissions(tmp)
+        _sync(tmp)
         if target.exists():
             old = target.with_name(f".{target.name}.old-{os.getpid()}")
             os.replace(target, old)
@@ -183,6 +187,18 @@ def atomic_bundle_dir(target: str | os.PathLike, force: bool = False) -> Iterato
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
+
+
+def _sync(folder: Path) -> None:
+    """Put the files on storage before the rename publishes them: a crash then leaves either the old
+    bundle or a complete new one, never a renamed folder of empty files."""
+    for p in folder.iterdir():
+        if p.is_file() and not p.is_symlink():
+            fd = os.open(p, os.O_RDONLY)
+            try:
+                os.fsync(fd)
+            finally:
+                os.close(fd)
 
 
 def _default_permissions(folder: Path) -> None:

@@ -15,6 +15,7 @@ import onnxruntime as ort
 
 from ondevice.bundle import Bundle
 from ondevice.errors import BundleError, ContextOverflowError
+from ondevice.runtimes.memory import release_file_pages
 
 
 # The decoder-graph contract (the manifest lists each graph's inputs and outputs).
@@ -80,11 +81,15 @@ class OnnxBackend:
         except Exception as e:  # ORT raises its own Fail/InvalidGraph types
             raise BundleError(f"{bundle.path}: ONNX Runtime cannot load the graph: {e}") from e
         _process["sessions"] += 1
+        release_file_pages(bundle.path)  # prepacking read every weight; the packed copies are what runs
         self.providers: list[str] = self.session.get_providers()  # the execution providers that ran it
         self.requested_providers = providers
         self.chunk_size: int | None = None  # set: prefill runs in fixed-size padded chunks
         self.static_shapes = False  # chunks' attention spans the whole cache: identical shapes every call
         self._chunk_bias: np.ndarray | None = None
+        self.split_prefill = None  # set: prompts prefill through the split graphs (runtimes/split_prefill.py)
+        self.int8_session: ort.InferenceSession | None = None  # set by use_int8_prefill: chunks run on it
+        self._int8: ort.IOBinding | None = None
         self.capacity = 0
         self._kv_arrays: list[np.ndarray] = []  # the cache; ORT reads and writes them in place
         self._kv: list[ort.OrtValue] = []
@@ -123,13 +128,42 @@ class OnnxBackend:
         self._kv = [ort.OrtValue.ortvalue_from_numpy(buf) for buf in self._kv_arrays]
         self._no_bias = np.zeros((1, 1, 1, new_cap), np.float32)
         self.capacity = new_cap
-        for binding in (self._decode, self._prefill):
+        for binding in (self._decode, self._prefill, *([self._int8] if self._int8 else [])):
             for i in range(self.layers):
                 k, v = self._kv[2 * i], self._kv[2 * i + 1]
                 binding.bind_ortvalue_input(f"past_key.{i}", k)
                 binding.bind_ortvalue_input(f"past_value.{i}", v)
                 binding.bind_ortvalue_output(f"present_key.{i}", k)
                 binding.bind_ortvalue_output(f"present_value.{i}", v)
+
+    def kv_cache(self) -> list[ort.OrtValue]:
+        """The cache buffers: layer i's keys at 2i, its values at 2i + 1 (replaced when the cache grows)."""
+        return self._kv
+
+    def use_int8_prefill(self, bundle: Bundle, threads: int | None = None, providers: list | None = None,
+                         threading: str = "spin") -> None:
+        """Prefill chunks through the bundle's int8 graph (converted with --int8-prefill) from now on;
+        decoding and token-tree verification stay on the float graph. Both sessions read and write
+        the same KV buffers (the int8 graph has the float graph's signature and cache layout)."""
+        spec = bundle.manifest["backends"]["onnx"].get("prefill_int8")
+        if spec is None:
+            raise BundleError(f"{bundle.path}: the bundle has no int8 prefill graph; re-convert it with "
+                              "--int8-prefill")
+        try:
+            self.int8_session = ort.InferenceSession(os.fspath(bundle.file(spec["graph"])),
+                                                     sess_options=session_options(threads, threading),
+                                                     providers=providers or ["CPUExecutionProvider"])
+        except Exception as e:
+            raise BundleError(f"{bundle.path}: ONNX Runtime cannot load the int8 prefill graph: {e}") from e
+        _process["sessions"] += 1
+        self._int8 = self.int8_session.io_binding()
+        for i in range(self.layers):
+            k, v = self._kv[2 * i], self._kv[2 * i + 1]
+            self._int8.bind_ortvalue_input(f"past_key.{i}", k)
+            self._int8.bind_ortvalue_input(f"past_value.{i}", v)
+            self._int8.bind_ortvalue_output(f"present_key.{i}", k)
+            self._int8.bind_ortvalue_output(f"present_value.{i}", v)
+        self.chunk_size = self.chunk_size or int(spec.get("chunk_sizes", [PREFILL_CHUNK])[0])
 
     def forward(self, token_ids: np.ndarray | list[int], past_len: int, all_logits: bool = False) -> np.ndarray:
         """Run len(token_ids) tokens at positions past_len..; returns logits [L, vocab]
@@ -139,6 +173,8 @@ class OnnxBackend:
         self.ensure_capacity(past_len + t)
         if t == 1 and not all_logits:
             return self.decode_one(int(ids[0]), past_len)
+        if self.split_prefill is not None and not all_logits and self.split_prefill.fits(t, past_len):
+            return self.split_prefill.run(ids, past_len)
         size = self.chunk_size or PREFILL_CHUNK
         outs = []
         for start in range(0, t, size):
@@ -167,7 +203,7 @@ class OnnxBackend:
         total = self.capacity if self.static_shapes else past_len + size
         if self._chunk_bias is None or self._chunk_bias.shape[-1] < total or self._chunk_bias.shape[2] != size:
             self._chunk_bias = np.zeros((1, 1, size, self.capacity), np.float32)
-        b = self._prefill
+        session, b = (self.int8_session, self._int8) if self.int8_session else (self.session, self._prefill)
         b.bind_cpu_input("input_ids", ids)
         b.bind_cpu_input("seqlens_k", np.array([past_len + n - 1], np.int32))
         b.bind_cpu_input("total_sequence_length", np.array(total, np.int32))
@@ -178,7 +214,7 @@ class OnnxBackend:
         rows = size if all_logits else size - n + 1
         logits = np.empty((1, rows, self.vocab_size), np.float32)
         b.bind_ortvalue_output("logits", ort.OrtValue.ortvalue_from_numpy(logits))
-        self.session.run_with_iobinding(b)
+        session.run_with_iobinding(b)
         return logits[0, :n] if all_logits else logits[0, :1]
 
     def run(self, token_ids: np.ndarray, past_len: int, positions: np.ndarray | None = None,
