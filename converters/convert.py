@@ -22,6 +22,7 @@ CONVERTER_VERSION = "0.1.0"
 # Tokens that end an assistant turn in common chat formats; used as extra stop ids when present.
 _END_OF_TURN = ("<|im_end|>", "<|eot_id|>", "<end_of_turn>", "<|endoftext|>", "</s>")
 COMPUTE_ACCURACY_LEVEL = {"float": 0, "int8": 4}  # -> MatMulNBits accuracy_level
+DEFAULT_SPLIT_CHUNK = 256  # split prefill graphs' chunk: mllm-NPU's choice
 GENERATION_DEFAULTS = {"temperature": 0.2, "top_k": 0, "top_p": 0.9, "min_p": 0.0,
                        "repetition_penalty": 1.0, "max_tokens": 256}
 
@@ -29,7 +30,7 @@ GENERATION_DEFAULTS = {"temperature": 0.2, "top_k": 0, "top_p": 0.9, "min_p": 0.
 def convert(source: str | Path, out: str | Path, *, quant: str = "q4", block_size: int = 32,
             symmetric: bool = False, max_context: int | None = None, compute: str = "float",
             draft_of: str | Path | None = None, draft_layers: int | None = None, draft_vocab: int | None = None,
-            force: bool = False, progress: bool = True) -> Path:
+            split_prefill: int | bool | None = None, force: bool = False, progress: bool = True) -> Path:
     """Convert a GGUF file or Hugging Face folder (or a model alias) into an ONNX bundle at `out`.
 
     compute: "float" (exact: greedy output equals a float reference on the same weights) or "int8"
@@ -39,6 +40,10 @@ def convert(source: str | Path, out: str | Path, *, quant: str = "q4", block_siz
     decoding: draft_layers decoder layers stay (default all), those that change the hidden state
     most on calibration text, and draft_vocab LM-head rows (default 16384; at least the vocabulary
     size keeps the whole head), the most frequent tokens, listed in vocab_map.i32.
+
+    split_prefill: also write the prefill split into per-layer linear graphs (an NPU's share, static
+    chunk shapes) and one attention graph (the CPU's), for chunks of this many tokens (True: 256);
+    their weights are the one-shot graph's bytes, not stored again (converters/split_prefill.py).
     """
     if compute not in COMPUTE_ACCURACY_LEVEL:
         raise ValueError(f"compute must be one of {', '.join(COMPUTE_ACCURACY_LEVEL)}, not {compute!r}")
@@ -50,11 +55,15 @@ def convert(source: str | Path, out: str | Path, *, quant: str = "q4", block_siz
     started = time.perf_counter()
     draft = None if draft_of is None else {"of": draft_of, "layers": draft_layers,
                                            "vocab": DEFAULT_VOCAB if draft_vocab is None else draft_vocab}
+    split = DEFAULT_SPLIT_CHUNK if split_prefill is True else (int(split_prefill) if split_prefill else None)
+    if split is not None and split < 1:
+        raise ValueError("split_prefill must be a positive chunk size (tokens)")
     with tqdm(total=4 + bool(draft), desc="convert", disable=not progress, unit="step") as steps:
-        return _convert(source, out, spec, max_context, compute, force, steps, started, draft)
+        return _convert(source, out, spec, max_context, compute, force, steps, started, draft, split)
 
 
-def _convert(source, out, spec: QuantSpec, max_context, compute, force, steps, started, draft_opts) -> Path:
+def _convert(source, out, spec: QuantSpec, max_context, compute, force, steps, started, draft_opts,
+             split_chunk: int | None = None) -> Path:
     quant = spec.mode
     accuracy_level = COMPUTE_ACCURACY_LEVEL[compute]
     path = resolve_source(source)
@@ -84,6 +93,8 @@ def _convert(source, out, spec: QuantSpec, max_context, compute, force, steps, s
         steps.update()
         steps.set_postfix_str("writing the graph")
         graph_file, data_file = g.save(tmp)
+        split = _split_prefill(arch, cfg, weights, spec, context, split_chunk, accuracy_level, tmp, graph_file,
+                               data_file) if split_chunk else None
         steps.update()
         (tmp / "tokenizer.json").write_text(ckpt.tokenizer_json, encoding="utf-8")
         manifest = {
@@ -100,6 +111,7 @@ def _convert(source, out, spec: QuantSpec, max_context, compute, force, steps, s
                 "kv_cache": {"layers": cfg.num_layers, "num_kv_heads": cfg.num_kv_heads,
                              "head_dim": cfg.head_dim, "layout": "BNSH", "dtype": "float32",
                              "shared_past_present": True},
+                **({"split_prefill": split} if split else {}),
             }},
             "tokenizer": {"file": "tokenizer.json", "chat_template": ckpt.chat_template,
                           **_special_ids(ckpt)},
@@ -117,6 +129,14 @@ def _convert(source, out, spec: QuantSpec, max_context, compute, force, steps, s
         write_manifest(tmp, manifest)
         steps.update()
     return Path(out)
+
+
+def _split_prefill(arch, cfg, weights, spec, context, chunk, accuracy_level, folder, graph_file, data_file) -> dict:
+    from ondevice.converters import split_prefill
+
+    graphs = split_prefill.build_split_graphs(arch, cfg, weights, spec, context, chunk, accuracy_level)
+    files, shared = split_prefill.save_split_graphs(graphs, folder, graph_file)
+    return split_prefill.manifest_entry(graphs, files, chunk, cfg.num_layers, data_file, shared)
 
 
 def _draft_target(target_path: str | Path, ckpt: Checkpoint, cfg, source: Path) -> dict:

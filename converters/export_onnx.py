@@ -152,13 +152,50 @@ class GraphBuilder:
         act = self.node("Mul", [gate, sig], name + ".silu")[0]
         return self.node("Mul", [act, up], name + ".out")[0]
 
-    def save(self, folder: Path, stem: str = "model") -> list[str]:
-        """Write stem.onnx + stem.onnx.data; returns the file names written."""
+    def model(self) -> onnx.ModelProto:
         graph = helper.make_graph(self.nodes, self.name, self.inputs, self.outputs, self.initializers)
         model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", OPSET),
                                                         helper.make_opsetid(MS_DOMAIN, 1)])
         model.ir_version = 10
+        return model
+
+    def save(self, folder: Path, stem: str = "model") -> list[str]:
+        """Write stem.onnx + stem.onnx.data; returns the file names written."""
         onnx_name, data_name = stem + ".onnx", stem + ".onnx.data"
-        onnx.save_model(model, os.fspath(folder / onnx_name), save_as_external_data=True,
+        onnx.save_model(self.model(), os.fspath(folder / onnx_name), save_as_external_data=True,
                         all_tensors_to_one_file=True, location=data_name, size_threshold=1024)
         return [onnx_name, data_name]
+
+    def save_sharing(self, folder: Path, stem: str, stored: dict[str, tuple[str, int, int]]) -> tuple[str, int]:
+        """Write stem.onnx whose initializers point into a data file already written (another graph's)
+        wherever `stored` (name -> (file, offset, length), see `external_data_index`) holds the same
+        bytes; the rest stay inside stem.onnx. Returns (file name, bytes shared)."""
+        model, shared = self.model(), 0
+        views: dict[str, memoryview] = {}
+        for t in model.graph.initializer:
+            if t.name not in stored:
+                continue
+            location, offset, length = stored[t.name]
+            if location not in views:
+                views[location] = memoryview(np.memmap(folder / location, np.uint8, mode="r"))
+            if len(t.raw_data) != length or views[location][offset:offset + length] != t.raw_data:
+                continue
+            t.ClearField("raw_data")
+            t.data_location = TensorProto.EXTERNAL
+            for key, value in (("location", location), ("offset", str(offset)), ("length", str(length))):
+                t.external_data.add(key=key, value=value)
+            shared += length
+        name = stem + ".onnx"
+        onnx.save_model(model, os.fspath(folder / name))
+        return name, shared
+
+
+def external_data_index(folder: Path, graph_file: str) -> dict[str, tuple[str, int, int]]:
+    """Initializer name -> (data file, offset, length) of a saved graph's external tensors."""
+    model = onnx.load(os.fspath(folder / graph_file), load_external_data=False)
+    index = {}
+    for t in model.graph.initializer:
+        if t.data_location == TensorProto.EXTERNAL:
+            info = {e.key: e.value for e in t.external_data}
+            index[t.name] = (info["location"], int(info.get("offset", 0)), int(info["length"]))
+    return index

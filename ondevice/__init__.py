@@ -25,7 +25,7 @@ __all__ = ["load", "convert", "Model", "Generation", "OndeviceError", "BundleErr
 
 def load(path: str | os.PathLike, *, threads: int | None = None, verify: bool = True,
          providers: list[str] | None = None, draft: str | os.PathLike | None = None,
-         lookup: bool = False, prefill_chunk: int | None = None,
+         lookup: bool = False, prefill_chunk: int | None = None, split_prefill: bool | str = False,
          profile: str | os.PathLike | None = None, int8_prefill: bool = False) -> Model:
     """Open a bundle: check it (sha256 of every file unless verify=False) and create the session once.
 
@@ -34,6 +34,9 @@ def load(path: str | os.PathLike, *, threads: int | None = None, verify: bool = 
     lookup (prompt-lookup drafts) turn on speculative decoding: the output stays exactly the
     model's own; `model.speculator = None` turns it off again. prefill_chunk: prompts run in chunks of
     exactly this many tokens (the last one padded), the static shapes an NPU graph needs.
+    split_prefill: prompts prefill through the bundle's split graphs (convert with split_prefill=...):
+    linear subgraphs on one worker, attention on another, in an out-of-order schedule (True, or
+    "out-of-order") or chunk by chunk ("in-order"); runtimes/split_prefill.py.
     profile: a device profile (name in profiles/, a path, or "host"): its plan picks the execution
     providers (the first available of its preference list; each fallback is logged), the prefill
     chunk and the threads, unless given here. int8_prefill: prompts prefill in fixed-size chunks through
@@ -71,6 +74,11 @@ def load(path: str | os.PathLike, *, threads: int | None = None, verify: bool = 
         if prefill_chunk < 1:
             raise ValueError("prefill_chunk must be a positive number of tokens")
         backend.chunk_size = int(prefill_chunk)
+    if split_prefill:
+        from ondevice.runtimes.split_prefill import SplitPrefill
+
+        policy = "out-of-order" if split_prefill is True else split_prefill
+        backend.split_prefill = SplitPrefill(bundle, backend, policy=policy, providers=providers)
     if int8_prefill:
         backend.use_int8_prefill(bundle, threads=threads, providers=providers, threading=threading)
     if draft is not None or lookup:
@@ -108,8 +116,8 @@ def _speculator(model: Model, draft, lookup: bool, threads: int | None, verify: 
 def convert(source: str | os.PathLike, out: str | os.PathLike, *, quant: str = "q4", block_size: int = 32,
             symmetric: bool = False, max_context: int | None = None, compute: str = "float",
             draft_of: str | os.PathLike | None = None, draft_layers: int | None = None,
-            draft_vocab: int | None = None, int8_prefill: bool | dict = False, force: bool = False,
-            progress: bool = True) -> Path:
+            draft_vocab: int | None = None, int8_prefill: bool | dict = False,
+            split_prefill: int | bool | None = None, force: bool = False, progress: bool = True) -> Path:
     """Convert a GGUF file, a Hugging Face folder or a model alias (e.g. "smollm2-135m") into a bundle.
 
     quant: q4 (default; GGUF 4-bit blocks kept exactly) | q8 | fp16 | fp32; block_size and symmetric
@@ -121,9 +129,13 @@ def convert(source: str | os.PathLike, out: str | os.PathLike, *, quant: str = "
 
     int8_prefill: also write the NPU-style int8 prefill graph (static int8 activations calibrated on
     the converter's text, int8 weights, shadow outlier channels in float); load(int8_prefill=True) uses it.
+
+    split_prefill: also write split prefill graphs for chunks of this many tokens (True: 256): linear
+    subgraphs for an NPU, attention for the CPU (load(split_prefill=True) runs them).
     """
     from ondevice.converters.convert import convert as _convert
 
     return _convert(source, out, quant=quant, block_size=block_size, symmetric=symmetric,
                     max_context=max_context, compute=compute, draft_of=draft_of, draft_layers=draft_layers,
-                    draft_vocab=draft_vocab, int8_prefill=int8_prefill, force=force, progress=progress)
+                    draft_vocab=draft_vocab, int8_prefill=int8_prefill, split_prefill=split_prefill, force=force,
+                    progress=progress)
