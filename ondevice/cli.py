@@ -17,6 +17,7 @@ def _load(args):
     speculation = {"draft": getattr(args, "draft", None), "lookup": getattr(args, "lookup", False)}
     return ondevice.load(args.bundle, threads=args.threads, verify=not args.no_verify,
                          prefill_chunk=getattr(args, "prefill_chunk", None), profile=getattr(args, "profile", None),
+                         split_prefill=getattr(args, "split_prefill", None) or False,
                          **speculation)
 
 
@@ -34,6 +35,7 @@ def cmd_convert(args) -> int:
     out = convert(args.source, args.out, quant=args.quant, block_size=args.block_size,
                   symmetric=args.symmetric, max_context=args.context, compute=args.compute,
                   draft_of=args.draft_of, draft_layers=args.draft_layers, draft_vocab=args.draft_vocab,
+                  split_prefill=args.split_prefill,
                   force=args.force, progress=not args.quiet)
     size = sum(p.stat().st_size for p in Path(out).iterdir()) / 1e6
     print(f"wrote {out} ({size:.1f} MB) in {time.perf_counter() - t:.1f} s", file=sys.stderr)
@@ -261,6 +263,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="decoder layers the draft keeps (default: all)")
     c.add_argument("--draft-vocab", type=int, default=None,
                    help="LM-head rows (most frequent tokens) the draft keeps (default 16384)")
+    c.add_argument("--split-prefill", type=int, nargs="?", const=256, default=None, metavar="C",
+                   help="also write split prefill graphs for chunks of C tokens (default 256): per-layer "
+                        "linear graphs (an NPU's share) and an attention graph (the CPU's)")
     c.add_argument("--force", action="store_true", help="overwrite an existing bundle")
     c.add_argument("--quiet", action="store_true", help="no progress bar")
     c.set_defaults(func=cmd_convert)
@@ -273,6 +278,10 @@ def build_parser() -> argparse.ArgumentParser:
                         "'host'): execution providers, prefill chunk and threads come from its plan")
         sp.add_argument("--prefill-chunk", type=int, default=None, metavar="C",
                         help="prefill in fixed chunks of C tokens (static shapes, as for an NPU)")
+        sp.add_argument("--split-prefill", nargs="?", const="out-of-order", default=None,
+                        choices=["out-of-order", "in-order"],
+                        help="prefill through the bundle's split graphs (convert --split-prefill): linear "
+                             "subgraphs and attention on two workers, out of order (default) or in order")
         if speculation:
             sp.add_argument("--draft", metavar="DRAFT_BUNDLE", default=None,
                             help="speculative decoding with this draft (same tokenizer; output unchanged)")
