@@ -152,6 +152,10 @@ def _referenced_files(manifest: dict) -> list[str]:
     names = [manifest.get("tokenizer", {}).get("file"), vocab_map.get("file") if isinstance(vocab_map, dict) else None]
     for backend in manifest.get("backends", {}).values():
         names += [backend.get("graph"), backend.get("data")]
+        split = backend.get("split_prefill")
+        if isinstance(split, dict):  # converters/split_prefill.py: one graph per role, two per layer
+            names += [(split.get(role) or {}).get("graph") for role in ("embed", "attention", "head")]
+            names += [f for layer in split.get("layers") or [] if isinstance(layer, dict) for f in layer.values()]
         extra = backend.get("prefill_int8") if isinstance(backend, dict) else None
         if isinstance(extra, dict):  # the optional int8 prefill graph
             names += [extra.get("graph"), extra.get("data")]

@@ -105,3 +105,12 @@ def test_linear_graphs_have_static_chunk_shapes(split_bundle):
 def test_split_prefill_needs_a_bundle_converted_with_it(tiny_bundle):
     with pytest.raises(BundleError, match="split"):
         ondevice.load(tiny_bundle, split_prefill=True)
+
+
+def test_a_split_graph_without_a_checksum_is_refused(split_bundle, copy_bundle):
+    bundle = copy_bundle(split_bundle)
+    manifest = json.loads((bundle / "manifest.json").read_text())
+    del manifest["files"]["prefill.post.1.onnx"]
+    (bundle / "manifest.json").write_text(json.dumps(manifest))
+    with pytest.raises(BundleError, match="prefill.post.1.onnx"):
+        read_bundle(bundle, verify=False)
