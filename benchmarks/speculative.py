@@ -7,7 +7,8 @@ that both produce the same tokens, and reports decode tok/s, the ratio, and the 
     python benchmarks/speculative.py TARGET_BUNDLE [--draft DRAFT_BUNDLE] [--tokens 128] [--rounds 3]
         [--threads 2] [--json]
 
-Settings tried: lookup; and with --draft also draft, and draft + lookup.
+Settings tried: lookup; and with --draft also draft, draft + lookup, and draft without the pipeline
+(the draft then waits while the target verifies, instead of drafting the next chain).
 """
 
 from __future__ import annotations
@@ -33,9 +34,13 @@ def main() -> None:
     args = ap.parse_args()
     settings = {"lookup": {"lookup": True}}
     if args.draft:
-        settings.update({"draft": {"draft": args.draft}, "draft+lookup": {"draft": args.draft, "lookup": True}})
+        settings.update({"draft": {"draft": args.draft}, "draft+lookup": {"draft": args.draft, "lookup": True},
+                         "draft serial": {"draft": args.draft, "pipeline": False}})
     if args.setting:
-        model = ondevice.load(args.target, threads=args.threads, **settings[args.setting])
+        options = dict(settings[args.setting])
+        pipeline = options.pop("pipeline", True)
+        model = ondevice.load(args.target, threads=args.threads, **options)
+        model.speculator.config.pipeline = pipeline
         print(json.dumps(speculation_benchmark(model, args.tokens, args.rounds)))
         return
     rows = {}

@@ -207,7 +207,8 @@ class Model:
         draft is verified (exactly the tokens plain decoding would have produced)."""
         spec, past = self.speculator, len(self._cached)
         room = self.max_context - past - 1
-        tree = spec.propose(self._cached + [token], params, rng, budget, room) if spec else None
+        context = self._cached + [token]
+        tree = spec.propose(context, params, rng, budget, room) if spec else None
         t0 = time.perf_counter()
         if tree is None:
             logits = self.backend.decode_one(token, past)[0]
@@ -215,9 +216,11 @@ class Model:
             if spec:
                 spec.record_plain(time.perf_counter() - t0)
             return [sample(logits, params, rng, seen)]
+        spec.start_ahead(tree, context, params)  # the draft drafts on while the target verifies
         logits = self.backend.run(np.array(tree.tokens), past, tree.positions(past), tree.attention_bias(past))
         verify_s = time.perf_counter() - t0
         path, after = accept(tree, logits, params, rng, seen)
+        spec.finish_ahead(path, after)
         self.backend.move_kv([past + n for n in path], list(range(past, past + len(path))))
         kept = [tree.tokens[n] for n in path]
         self._cached.extend(kept)

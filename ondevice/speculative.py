@@ -19,6 +19,7 @@ exactly what the target alone would have produced (LLMCad, SpecInfer, prompt loo
 from __future__ import annotations
 
 import time
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -213,6 +214,7 @@ class SpecConfig:
     threshold: float = 0.25  # start value of the adaptive cumulative-confidence threshold
     lookup_tokens: int = 12
     adaptive: bool = True  # off: a fixed threshold, no cost model, speculation never pauses (tests)
+    pipeline: bool = True  # greedy: the draft drafts on while the target verifies
 
 
 @dataclass
@@ -221,6 +223,7 @@ class SpecStats:
     plain_steps: int = 0  # single-token decode steps (speculation off or nothing drafted)
     drafted: int = 0  # tree nodes sent to verification
     accepted: int = 0  # draft tokens the target kept
+    ahead_rounds: int = 0  # rounds whose draft chain was drafted while the previous round verified
     draft_s: float = 0.0
     verify_s: float = 0.0
     plain_s: float = 0.0
@@ -228,7 +231,7 @@ class SpecStats:
     def to_dict(self) -> dict:
         total = self.draft_s + self.verify_s + self.plain_s
         return {"rounds": self.rounds, "plain_steps": self.plain_steps, "drafted": self.drafted,
-                "accepted": self.accepted,
+                "accepted": self.accepted, "ahead_rounds": self.ahead_rounds,
                 "acceptance_rate": self.accepted / self.drafted if self.drafted else 0.0,
                 "accepted_per_verify": self.accepted / self.rounds if self.rounds else 0.0,
                 "draft_share": self.draft_s / total if total else 0.0,
@@ -268,6 +271,11 @@ class Speculator:
         self._probe = self.draft is not None  # the next draft round is a short one that measures the draft
         self._unverified = 0  # drafts in a row the cost model did not find worth verifying
         self._draft_s = 0.0  # draft time of the tree being verified
+        self._overlapped = False  # the tree's draft chain was drafted while the last one was verified
+        self._worker: ThreadPoolExecutor | None = None
+        self._ahead: Future | None = None  # the draft drafting on while the target verifies
+        self._ahead_from: tuple[list[int], int] = ([], 0)  # (context + the chain it assumes, its last node)
+        self._ahead_chain: tuple[list[int], list[int], list[float]] | None = None  # (context, tokens, probs)
 
     def reset_stats(self) -> None:
         self.stats = SpecStats()
@@ -331,7 +339,13 @@ class Speculator:
             expected = 1 + sum(a ** (k + 1) for k in range(len(chain)))
             use_draft = self.worth(expected, 0, len(chain) + 1) < self.rate_spec.value
         probe, self._probe = self._probe, False
-        if use_draft and not probe and not self._draft_can_pay(depth_cap):
+        self.finish_ahead([], -1)  # only left running when the last verification failed
+        ahead, self._ahead_chain = self._ahead_chain, None
+        self._overlapped = use_draft and ahead is not None and ahead[0] == context and len(ahead[1]) > 0
+        if self._overlapped:
+            self._add_chain(tree, ahead[1][:depth_cap], ahead[2])  # drafted during the last verification
+            self.stats.ahead_rounds += 1
+        elif use_draft and not probe and not self._draft_can_pay(depth_cap):
             self._pause()  # measured too slow to pay: try again after a while (it is re-measured then)
         elif use_draft:
             t0 = time.perf_counter()
@@ -385,6 +399,60 @@ class Speculator:
             logits = draft.step(tree.tokens[node])
             self.t_draft.add(time.perf_counter() - t0)
             steps += 1
+
+    def _add_chain(self, tree: TokenTree, tokens: list[int], probs: list[float]) -> None:
+        node, conf = 0, 1.0
+        for token, p in zip(tokens, probs):
+            if len(tree) - 1 >= self.max_nodes:
+                break
+            conf *= p
+            node = tree.add(node, token, None, conf)
+
+    # -- pipeline: the draft works while the target verifies -----------------------------------------
+    def start_ahead(self, tree: TokenTree, context: list[int], params: SamplingParams) -> None:
+        """Let the draft run on past the end of the tree's most confident chain, as if the target
+        accepted all of it, while the target verifies (ORT releases the GIL). Greedy only: a sampled
+        chain's proposals would need the target's random draws, which come after verification."""
+        drafting = self._draft_s > 0 or self._overlapped  # the draft model is in use this round
+        if not self.config.pipeline or not drafting or params.temperature != 0 or len(tree) == 1:
+            return
+        node = 0
+        while tree.children[node]:
+            node = max(tree.children[node], key=lambda c: tree.conf[c])
+        chain = context + [tree.tokens[n] for n in tree.path(node)[1:]]
+        steps = min(self.config.max_depth, self.draft.backend.max_context - len(chain))
+        if steps < 1:
+            return
+        if self._worker is None:
+            self._worker = ThreadPoolExecutor(max_workers=1, thread_name_prefix="ondevice-draft")
+        self._ahead_from = (chain, node)
+        self._ahead = self._worker.submit(self._draft_on, chain, steps, self.threshold)
+
+    def _draft_on(self, chain: list[int], steps: int, threshold: float) -> tuple[list[int], list[float]]:
+        """Greedy draft tokens after chain (with their draft probabilities), while confident."""
+        draft, tokens, probs, conf = self.draft, [], [], 1.0
+        logits = draft.start(chain)
+        while True:
+            p = _softmax(logits)
+            top = int(np.argmax(p))
+            tokens.append(int(draft.to_target(np.array([top]))[0]))
+            probs.append(float(p[top]))
+            conf *= float(p[top])
+            if conf < threshold or len(tokens) > steps:
+                return tokens, probs
+            logits = draft.step(tokens[-1])
+
+    def finish_ahead(self, accepted: list[int], after: int) -> None:
+        """Keep what the draft drafted ahead if the target accepted the whole chain it assumed and
+        then chose the draft's next token; otherwise the work is dropped (the draft's cache re-syncs
+        by common prefix next time)."""
+        if self._ahead is None:
+            return
+        future, self._ahead = self._ahead, None
+        chain, node = self._ahead_from
+        tokens, probs = future.result()
+        if accepted and accepted[-1] == node and tokens[0] == after:
+            self._ahead_chain = (chain + [after], tokens[1:], probs[1:])
 
     def _add_lookup(self, tree: TokenTree, chain: list[int], a: float) -> None:
         node, conf = 0, 1.0
@@ -451,7 +519,7 @@ class Speculator:
             self.threshold = max(0.02, self.threshold * 0.7)
         elif ratio < 0.4:
             self.threshold = min(0.8, self.threshold * 1.4)
-        if self._draft_s:
+        if self._draft_s or self._overlapped:
             self._judge(kept + 1, self._draft_s + round_s)
 
     def _judge(self, tokens: int, seconds: float) -> None:

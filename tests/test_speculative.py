@@ -167,6 +167,19 @@ def test_the_same_model_as_its_own_draft_has_every_token_accepted(tiny_bundle, t
     assert stats.to_dict()["accepted_per_verify"] > 4
 
 
+@pytest.mark.parametrize("pipeline", [True, False])
+def test_the_draft_drafts_the_next_chain_while_the_target_verifies(tiny_bundle, tiny_model, pipeline):
+    spec = forced(ondevice.load(tiny_bundle, threads=1, draft=tiny_bundle))
+    spec.speculator.config = SpecConfig(adaptive=False, threshold=0.0, branch_below=0.0, max_depth=6,
+                                        pipeline=pipeline)
+    got = spec.generate(REPEATING, max_tokens=40, temperature=0, ignore_eos=True)
+    assert got.token_ids == tiny_model.generate(REPEATING, max_tokens=40, temperature=0, ignore_eos=True).token_ids
+    stats = spec.speculator.stats
+    # every chain is accepted, so each round after the first verifies the chain drafted during the last
+    assert stats.ahead_rounds == (stats.rounds - 1 if pipeline else 0)
+    assert stats.accepted == stats.drafted
+
+
 def test_speculation_stops_at_max_tokens_and_at_the_end_of_the_context(tiny_bundle_ctx64):
     spec = forced(ondevice.load(tiny_bundle_ctx64, threads=1, draft=tiny_bundle_ctx64, lookup=True))
     plain = ondevice.load(tiny_bundle_ctx64, threads=1)
