@@ -10,6 +10,7 @@ from tokenizers import Tokenizer
 from tqdm import tqdm
 
 from ondevice.bundle import MANIFEST, VOCAB_MAP, atomic_bundle_dir, read_bundle, sha256_file, write_manifest
+from ondevice.converters import int8_prefill as int8
 from ondevice.converters.arch import get_architecture
 from ondevice.converters.canonical import Checkpoint
 from ondevice.converters.export_onnx import GraphBuilder
@@ -30,7 +31,8 @@ GENERATION_DEFAULTS = {"temperature": 0.2, "top_k": 0, "top_p": 0.9, "min_p": 0.
 def convert(source: str | Path, out: str | Path, *, quant: str = "q4", block_size: int = 32,
             symmetric: bool = False, max_context: int | None = None, compute: str = "float",
             draft_of: str | Path | None = None, draft_layers: int | None = None, draft_vocab: int | None = None,
-            split_prefill: int | bool | None = None, force: bool = False, progress: bool = True) -> Path:
+            split_prefill: int | bool | None = None, int8_prefill: bool | str | dict = False, force: bool = False,
+            progress: bool = True) -> Path:
     """Convert a GGUF file or Hugging Face folder (or a model alias) into an ONNX bundle at `out`.
 
     compute: "float" (exact: greedy output equals a float reference on the same weights) or "int8"
@@ -44,6 +46,11 @@ def convert(source: str | Path, out: str | Path, *, quant: str = "q4", block_siz
     split_prefill: also write the prefill split into per-layer linear graphs (an NPU's share, static
     chunk shapes) and one attention graph (the CPU's), for chunks of this many tokens (True: 256);
     their weights are the one-shot graph's bytes, not stored again (converters/split_prefill.py).
+
+    int8_prefill: also write prefill_int8.onnx, the NPU-style prefill graph (static int8
+    activations calibrated on the shipped text, int8 weights, shadow outliers in float; see
+    converters/int8_prefill.py): True (the a16w16 preset), a preset name (a16w16, a16w8, a8w8) or a
+    dict of make_plan's options (ratio, act_bits, weight_bits, headroom, migrate).
     """
     if compute not in COMPUTE_ACCURACY_LEVEL:
         raise ValueError(f"compute must be one of {', '.join(COMPUTE_ACCURACY_LEVEL)}, not {compute!r}")
@@ -58,12 +65,14 @@ def convert(source: str | Path, out: str | Path, *, quant: str = "q4", block_siz
     split = DEFAULT_SPLIT_CHUNK if split_prefill is True else (int(split_prefill) if split_prefill else None)
     if split is not None and split < 1:
         raise ValueError("split_prefill must be a positive chunk size (tokens)")
-    with tqdm(total=4 + bool(draft), desc="convert", disable=not progress, unit="step") as steps:
-        return _convert(source, out, spec, max_context, compute, force, steps, started, draft, split)
+    int8_opts = int8.options(int8_prefill)
+    with tqdm(total=4 + bool(draft) + (int8_opts is not None), desc="convert", disable=not progress,
+              unit="step") as steps:
+        return _convert(source, out, spec, max_context, compute, force, steps, started, draft, split, int8_opts)
 
 
 def _convert(source, out, spec: QuantSpec, max_context, compute, force, steps, started, draft_opts,
-             split_chunk: int | None = None) -> Path:
+             split_chunk: int | None = None, int8_opts: dict | None = None) -> Path:
     quant = spec.mode
     accuracy_level = COMPUTE_ACCURACY_LEVEL[compute]
     path = resolve_source(source)
@@ -97,6 +106,17 @@ def _convert(source, out, spec: QuantSpec, max_context, compute, force, steps, s
                                data_file) if split_chunk else None
         steps.update()
         (tmp / "tokenizer.json").write_text(ckpt.tokenizer_json, encoding="utf-8")
+        prefill_int8 = None
+        if int8_opts is not None:
+            steps.set_postfix_str("calibrating and building the int8 prefill graph")
+            plan = int8.make_plan(weights, cfg, ckpt.tokenizer_json, **int8_opts)
+            g8 = int8.Int8GraphBuilder(f"{ckpt.architecture}-prefill-int8", plan, accuracy_level=accuracy_level)
+            arch.build(g8, cfg, weights, spec, context)
+            graph8, data8 = g8.save(tmp, int8.GRAPH_STEM)
+            prefill_int8 = {"graph": graph8, "data": data8, "inputs": g8.signature["inputs"],
+                            "outputs": g8.signature["outputs"], "chunk_sizes": [int8.CHUNK_SIZE],
+                            "quantization": plan.summary()}
+            steps.update()
         manifest = {
             "converter": {"name": "ondevice", "version": CONVERTER_VERSION},
             "source": ckpt.provenance,
@@ -117,6 +137,8 @@ def _convert(source, out, spec: QuantSpec, max_context, compute, force, steps, s
                           **_special_ids(ckpt)},
             "generation": dict(GENERATION_DEFAULTS),
         }
+        if prefill_int8 is not None:  # same signature and KV layout as the graph above
+            manifest["backends"]["onnx"]["prefill_int8"] = prefill_int8
         if draft is not None:
             manifest["draft"] = {"target": target, "source_layers": source_layers,
                                  "layers_kept": draft.layers_kept, "layer_scores": draft.layer_scores,

@@ -116,7 +116,7 @@ def _speculator(model: Model, draft, lookup: bool, threads: int | None, verify: 
 def convert(source: str | os.PathLike, out: str | os.PathLike, *, quant: str = "q4", block_size: int = 32,
             symmetric: bool = False, max_context: int | None = None, compute: str = "float",
             draft_of: str | os.PathLike | None = None, draft_layers: int | None = None,
-            draft_vocab: int | None = None, int8_prefill: bool | dict = False,
+            draft_vocab: int | None = None, int8_prefill: bool | str | dict = False,
             split_prefill: int | bool | None = None, force: bool = False, progress: bool = True) -> Path:
     """Convert a GGUF file, a Hugging Face folder or a model alias (e.g. "smollm2-135m") into a bundle.
 
@@ -128,7 +128,8 @@ def convert(source: str | os.PathLike, out: str | os.PathLike, *, quant: str = "
     for speculative decoding, keeping draft_layers decoder layers and draft_vocab LM-head rows.
 
     int8_prefill: also write the NPU-style int8 prefill graph (static int8 activations calibrated on
-    the converter's text, int8 weights, shadow outlier channels in float); load(int8_prefill=True) uses it.
+    the converter's text, int8 weights, shadow outlier channels in float): True or a preset, "a16w16"
+    (default, top-1 close to float) or "a8w8" (plain int8, faster, less exact); load(int8_prefill=True) uses it.
 
     split_prefill: also write split prefill graphs for chunks of this many tokens (True: 256): linear
     subgraphs for an NPU, attention for the CPU (load(split_prefill=True) runs them).

@@ -150,9 +150,12 @@ class OnnxBackend:
             raise BundleError(f"{bundle.path}: the bundle has no int8 prefill graph; re-convert it with "
                               "--int8-prefill")
         try:
+            # the graph repeats QuantizeLinear per consumer so each QDQ MatMul fuses into an int8 kernel;
+            # common-subexpression elimination would merge the copies back and undo the fusion
             self.int8_session = ort.InferenceSession(os.fspath(bundle.file(spec["graph"])),
                                                      sess_options=session_options(threads, threading),
-                                                     providers=providers or ["CPUExecutionProvider"])
+                                                     providers=providers or ["CPUExecutionProvider"],
+                                                     disabled_optimizers=["CommonSubexpressionElimination"])
         except Exception as e:
             raise BundleError(f"{bundle.path}: ONNX Runtime cannot load the int8 prefill graph: {e}") from e
         _process["sessions"] += 1
