@@ -18,7 +18,7 @@ def _load(args):
     return ondevice.load(args.bundle, threads=args.threads, verify=not args.no_verify,
                          prefill_chunk=getattr(args, "prefill_chunk", None), profile=getattr(args, "profile", None),
                          split_prefill=getattr(args, "split_prefill", None) or False,
-                         **speculation)
+                         int8_prefill=getattr(args, "int8_prefill", False), **speculation)
 
 
 def _sampling(args) -> dict:
@@ -35,7 +35,7 @@ def cmd_convert(args) -> int:
     out = convert(args.source, args.out, quant=args.quant, block_size=args.block_size,
                   symmetric=args.symmetric, max_context=args.context, compute=args.compute,
                   draft_of=args.draft_of, draft_layers=args.draft_layers, draft_vocab=args.draft_vocab,
-                  split_prefill=args.split_prefill,
+                  split_prefill=args.split_prefill, int8_prefill=args.int8_prefill or False,
                   force=args.force, progress=not args.quiet)
     size = sum(p.stat().st_size for p in Path(out).iterdir()) / 1e6
     print(f"wrote {out} ({size:.1f} MB) in {time.perf_counter() - t:.1f} s", file=sys.stderr)
@@ -144,6 +144,7 @@ def format_bench(r: dict) -> str:
     lines.append(f"peak RSS        {r['peak_rss_mb']:.0f} MB   ({r['repeats']} runs each, median)")
     if r.get("providers"):
         chunk = f", prefill in chunks of {r['prefill_chunk']}" if r.get("prefill_chunk") else ""
+        chunk += " (int8 graph)" if r.get("int8_prefill") else ""
         lines.append(f"ran on          {', '.join(r['providers'])}{chunk}")
     if r.get("node_placement"):
         lines.append("graph nodes     " + ", ".join(f"{n} on {p}" for p, n in r["node_placement"].items()))
@@ -263,6 +264,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help="decoder layers the draft keeps (default: all)")
     c.add_argument("--draft-vocab", type=int, default=None,
                    help="LM-head rows (most frequent tokens) the draft keeps (default 16384)")
+    c.add_argument("--int8-prefill", nargs="?", const="a16w16", default=None, choices=["a16w16", "a16w8", "a8w8"],
+                   help="also write the NPU-style int8 prefill graph: static int8 QDQ activations calibrated on "
+                        "shipped text, int8 weights, shadow outlier channels in float; a16w16 (default) carries "
+                        "activations and weights as two int8 halves (close to float), a8w8 is plain int8")
     c.add_argument("--split-prefill", type=int, nargs="?", const=256, default=None, metavar="C",
                    help="also write split prefill graphs for chunks of C tokens (default 256): per-layer "
                         "linear graphs (an NPU's share) and an attention graph (the CPU's)")
@@ -278,6 +283,9 @@ def build_parser() -> argparse.ArgumentParser:
                         "'host'): execution providers, prefill chunk and threads come from its plan")
         sp.add_argument("--prefill-chunk", type=int, default=None, metavar="C",
                         help="prefill in fixed chunks of C tokens (static shapes, as for an NPU)")
+        sp.add_argument("--int8-prefill", action="store_true",
+                        help="prefill in fixed-size chunks through the bundle's int8 graph (convert --int8-prefill); "
+                             "decode stays on the float graph")
         sp.add_argument("--split-prefill", nargs="?", const="out-of-order", default=None,
                         choices=["out-of-order", "in-order"],
                         help="prefill through the bundle's split graphs (convert --split-prefill): linear "

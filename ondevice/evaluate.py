@@ -67,6 +67,7 @@ def benchmark(model: Model, prompt_lengths=(128, 512, 1024), decode_tokens: int 
     TTFT of a 128-token prompt; load time if `load` (a no-argument callable) is given; peak RSS."""
     results: dict = {"repeats": repeats, "providers": list(getattr(model.backend, "providers", [])),
                      "prefill_chunk": getattr(model.backend, "chunk_size", None),
+                     "int8_prefill": getattr(model.backend, "int8_session", None) is not None,
                      "provider_fallbacks": list(model.plan.fallbacks) if getattr(model, "plan", None) else []}
     prompt_lengths = [n for n in prompt_lengths if n + 1 <= model.max_context]
     model.backend.ensure_capacity(max(prompt_lengths + [128]) + decode_tokens)
