@@ -183,7 +183,10 @@ class OnnxBackend:
         for start in range(0, t, size):
             chunk = ids[start:start + size]
             wanted = all_logits or start + len(chunk) == t
-            if self.chunk_size and past_len + start + size <= self.max_context:
+            # with the int8 graph, a partial chunk (a short prompt's only one) runs on the float graph
+            # unpadded: cheaper on a CPU than a padded int8 chunk, and exact
+            partial_int8 = self.int8_session is not None and len(chunk) < size
+            if self.chunk_size and past_len + start + size <= self.max_context and not partial_int8:
                 logits = self.run_chunk(chunk, past_len + start, size, all_logits)
             else:
                 logits = self.run(chunk, past_len + start, all_logits=all_logits)

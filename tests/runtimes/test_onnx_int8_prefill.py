@@ -20,15 +20,16 @@ def int8_bundle(tiny_gguf, tmp_path_factory):
 
 
 def test_prefill_runs_the_int8_graph_and_decode_the_float_graph_on_one_cache(int8_bundle):
-    model = ondevice.load(int8_bundle, int8_prefill=True)
+    assert ondevice.load(int8_bundle, int8_prefill=True).backend.chunk_size == 256  # the manifest's chunk
+    model = ondevice.load(int8_bundle, int8_prefill=True, prefill_chunk=16)
     backend = model.backend
-    assert backend.int8_session is not None and backend.chunk_size == 256
     calls = {"int8": 0, "float": 0}
     int8_run, float_run = backend.int8_session.run_with_iobinding, backend.session.run_with_iobinding
     backend.int8_session.run_with_iobinding = lambda b: (calls.__setitem__("int8", calls["int8"] + 1), int8_run(b))
     backend.session.run_with_iobinding = lambda b: (calls.__setitem__("float", calls["float"] + 1), float_run(b))
     out = model.generate(PROMPT, max_tokens=8, temperature=0, ignore_eos=True)
-    assert calls == {"int8": 1, "float": 7}  # one chunk prefilled in int8, seven decode steps in float
+    # 42 prompt tokens: two full chunks of 16 in int8, the last 10 unpadded in float; 7 decode steps in float
+    assert calls == {"int8": 2, "float": 1 + 7}
     reference = ondevice.load(int8_bundle)
     assert out.token_ids == reference.generate(PROMPT, max_tokens=8, temperature=0, ignore_eos=True).token_ids
 
@@ -49,9 +50,12 @@ def test_both_sessions_follow_the_cache_when_it_grows(int8_bundle):
     bundle = read_bundle(int8_bundle)
     backend = OnnxBackend(bundle, capacity=64)
     backend.use_int8_prefill(bundle)
-    long = (PROMPT * 8)[:250]
-    got = backend.forward(long, 0)[-1]  # the chunk needs 256 slots: new buffers, bound to both sessions
-    assert backend.capacity == 256
+    backend.chunk_size = 128
+    long = (PROMPT * 8)[:255]
+    # the int8 chunk (128 slots) and then the float rest (255) each grow the cache: new buffers,
+    # which both sessions must be bound to
+    got = backend.forward(long, 0)[-1]
+    assert backend.capacity > 64
     want = ondevice.load(int8_bundle).backend.forward(long, 0)[-1]
     assert got.argmax() == want.argmax() and np.abs(got - want).max() < 1e-2 * np.abs(want).max()
     step = backend.decode_one(int(got.argmax()), len(long))[0]
