@@ -207,6 +207,12 @@ def cmd_inspect(args) -> int:
           f"(MatMulNBits accuracy_level {q['accuracy_level']})")
     for group, how in q["tensors"].items():
         print(f"  {group:<16} {how}")
+    int8 = m["backends"].get("onnx", {}).get("prefill_int8")
+    if int8:
+        iq = int8["quantization"]
+        print(f"int8 prefill  {iq.get('preset', 'custom')}: {iq['int8_linears']} linears on int8 kernels "
+              f"({iq['activation_bits']}-bit activations, {iq['weight_bits']}-bit weights, static scales), "
+              f"{iq['outlier_channels_total']} outlier channels in float, chunks of {int8['chunk_sizes'][0]}")
     print(f"source        {m['source'].get('format')} {m['source'].get('file') or m['source'].get('folder')}")
     if "draft" in m:
         d = m["draft"]

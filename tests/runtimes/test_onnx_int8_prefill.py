@@ -83,3 +83,5 @@ def test_cli_converts_with_and_runs_through_the_int8_graph(capsys, tiny_gguf, tm
     assert main(["bench", str(out), "--int8-prefill", "--json", "--repeat", "1", "--prompt-lengths", "32",
                  "--decode-tokens", "4"]) == 0
     assert json.loads(capsys.readouterr().out)["int8_prefill"] is True
+    assert main(["inspect", str(out)]) == 0
+    assert "int8 prefill  a8w8: 8 linears on int8 kernels (8-bit activations" in capsys.readouterr().out
