@@ -50,7 +50,7 @@ def convert(source: str | Path, out: str | Path, *, quant: str = "q4", block_siz
     int8_prefill: also write prefill_int8.onnx, the NPU-style prefill graph (static int8
     activations calibrated on the shipped text, int8 weights, shadow outliers in float; see
     converters/int8_prefill.py): True (the a16w16 preset), a preset name (a16w16, a16w8, a8w8) or a
-    dict of make_plan's options (ratio, act_bits, weight_bits, headroom, migrate).
+    dict of make_plan's options (ratio, act_bits, weight_bits, headroom, migrate) and the chunk size.
     """
     if compute not in COMPUTE_ACCURACY_LEVEL:
         raise ValueError(f"compute must be one of {', '.join(COMPUTE_ACCURACY_LEVEL)}, not {compute!r}")
@@ -109,12 +109,14 @@ def _convert(source, out, spec: QuantSpec, max_context, compute, force, steps, s
         prefill_int8 = None
         if int8_opts is not None:
             steps.set_postfix_str("calibrating and building the int8 prefill graph")
-            plan = int8.make_plan(weights, cfg, ckpt.tokenizer_json, **int8_opts)
+            opts = dict(int8_opts)
+            chunk = int(opts.pop("chunk", int8.CHUNK_SIZE))
+            plan = int8.make_plan(weights, cfg, ckpt.tokenizer_json, **opts)
             g8 = int8.Int8GraphBuilder(f"{ckpt.architecture}-prefill-int8", plan, accuracy_level=accuracy_level)
             arch.build(g8, cfg, weights, spec, context)
             graph8, data8 = g8.save(tmp, int8.GRAPH_STEM)
             prefill_int8 = {"graph": graph8, "data": data8, "inputs": g8.signature["inputs"],
-                            "outputs": g8.signature["outputs"], "chunk_sizes": [int8.CHUNK_SIZE],
+                            "outputs": g8.signature["outputs"], "chunk_sizes": [chunk],
                             "quantization": plan.summary()}
             steps.update()
         manifest = {

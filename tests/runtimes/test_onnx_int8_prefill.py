@@ -75,7 +75,8 @@ def test_cli_converts_with_and_runs_through_the_int8_graph(capsys, tiny_gguf, tm
     out = tmp_path / "cli-int8.bundle"
     assert main(["convert", str(tiny_gguf), str(out), "--int8-prefill", "a8w8", "--quiet"]) == 0
     manifest = json.loads((out / "manifest.json").read_text())
-    assert manifest["backends"]["onnx"]["prefill_int8"]["quantization"]["preset"] == "a8w8"
+    spec = manifest["backends"]["onnx"]["prefill_int8"]
+    assert spec["quantization"]["preset"] == "a8w8" and spec["chunk_sizes"] == [128]
     capsys.readouterr()
     assert main(["run", str(out), "--int8-prefill", "--raw", "hello", "--max-tokens", "4", "--temperature", "0",
                  "--json"]) == 0
@@ -85,3 +86,4 @@ def test_cli_converts_with_and_runs_through_the_int8_graph(capsys, tiny_gguf, tm
     assert json.loads(capsys.readouterr().out)["int8_prefill"] is True
     assert main(["inspect", str(out)]) == 0
     assert "int8 prefill  a8w8: 8 linears on int8 kernels (8-bit activations" in capsys.readouterr().out
+    assert ondevice.load(out, int8_prefill=True).backend.chunk_size == 128
