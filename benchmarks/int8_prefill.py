@@ -39,6 +39,14 @@ SETTINGS = {
     "a16w16-none": {"act_bits": 16, "weight_bits": 16, "headroom": 4.0, "ratio": 0},  # no outlier channels
     "a16w16": "a16w16",  # the default: 16-bit activations and weights, 4x headroom, shadow outliers
 }
+# per kind of linear: a16w16 with one kind's activations (a8-KIND) or weights (w8-KIND) in plain int8
+KINDS = ["self_attn.qkv_proj", "self_attn.o_proj", "mlp.gate_up_proj", "mlp.down_proj"]
+for _kind in KINDS:
+    _short = _kind.split(".")[1].removesuffix("_proj")
+    SETTINGS[f"a8-{_short}"] = {"act_bits": {k: 8 if k == _kind else 16 for k in KINDS}, "weight_bits": 16,
+                                "headroom": 4.0}
+    SETTINGS[f"w8-{_short}"] = {"act_bits": 16, "weight_bits": {k: 8 if k == _kind else 16 for k in KINDS},
+                                "headroom": 4.0}
 PROMPTS = ["What is the capital of France?", "Write a Python function that reverses a string.",
            "Explain photosynthesis in one sentence.", "Give me three tips for writing clear code."]
 WINDOW = 256

@@ -56,13 +56,20 @@ class LinearPlan:
 @dataclass
 class Int8Plan:
     linears: dict[str, LinearPlan]  # graph linear name (model.layers.3.mlp.down_proj) -> plan
-    act_bits: int = 8  # 16: activations as two int8 halves, x ~ s*q_hi + s/254*q_lo (static scales)
-    weight_bits: int = 8  # 16: weights as two int8 halves likewise
+    act_bits: int | dict = 8  # 16: activations as two int8 halves, x ~ s*q_hi + s/254*q_lo (static scales);
+    weight_bits: int | dict = 8  # 16: weights as two int8 halves likewise; a dict: bits per kind of linear
+                                 # ("mlp.down_proj": 16, ...; kinds not named get 8)
     headroom: float = 1.0  # the static scale covers this many times the calibrated range
     migrate: float = 0.0  # alpha: input channel k of the weight is divided by (its max / the median)^alpha
                           # and the activation multiplied by it (exact in float; SmoothQuant's direction
                           # reversed: the weights' range moves into the activations)
     settings: dict = field(default_factory=dict)  # what the manifest records about the calibration
+
+    def bits(self, name: str) -> tuple[int, int]:
+        """(activation bits, weight bits) of the linear `name`."""
+        kind = name.split(".", 3)[-1]  # model.layers.3.mlp.down_proj -> mlp.down_proj
+        pick = lambda b: b if isinstance(b, int) else int(b.get(kind, 8))  # noqa: E731
+        return pick(self.act_bits), pick(self.weight_bits)
 
     def summary(self) -> dict:
         per_kind: dict[str, int] = {}
@@ -115,7 +122,8 @@ class Int8GraphBuilder(GraphBuilder):
             c[p.outliers] = 1.0
             x = self.node("Mul", [x, self.const(name + ".migrate", c)], name + ".x_migrated")[0]
             wf, ranges = wf / c, ranges * c
-        w_parts, w_scale = quantize_weight(wf, p.outliers, self.plan.weight_bits // 8)
+        act_bits, weight_bits = self.plan.bits(name)
+        w_parts, w_scale = quantize_weight(wf, p.outliers, weight_bits // 8)
         x_scale = self.plan.headroom * float(np.delete(ranges, p.outliers).max()) / 127.0
         zero = self.const("int8.zero", np.array(0, np.int8))
         zeros = self.const(f"int8.zeros.{len(w_scale)}", np.zeros(len(w_scale), np.int8))
@@ -123,10 +131,10 @@ class Int8GraphBuilder(GraphBuilder):
         # Each QuantizeLinear -> DequantizeLinear pair feeds one node: ORT fuses DQ -> MatMul <- DQ
         # into MatMulIntegerToFloat only when neither has another consumer.
         xs, rest = [], x
-        for i in range(self.plan.act_bits // 8):
+        for i in range(act_bits // 8):
             s = self.const(f"{name}.x_scale{i}", np.array(x_scale / 254.0 ** i, np.float32))
             xs.append((rest, s))
-            if i + 1 < self.plan.act_bits // 8:
+            if i + 1 < act_bits // 8:
                 q = self.node("QuantizeLinear", [rest, s, zero], f"{name}.x_int8_{i}")[0]
                 xd = self.node("DequantizeLinear", [q, s, zero], f"{name}.x_dq{i}")[0]
                 rest = self.node("Sub", [rest, xd], f"{name}.x_rest{i}")[0]
@@ -182,13 +190,14 @@ def options(setting: bool | str | dict | None) -> dict | None:
 
 
 def make_plan(weights: dict, cfg, tokenizer_json: str, ratio: float = calibrate.OUTLIER_RATIO,
-              act_bits: int = 8, weight_bits: int = 8, headroom: float = 1.0, migrate: float = 0.0,
+              act_bits: int | dict = 8, weight_bits: int | dict = 8, headroom: float = 1.0, migrate: float = 0.0,
               tokens: int = CALIBRATION_TOKENS, preset: str | None = None) -> Int8Plan:
     """Static scales and outlier channels of every decoder linear from the calibration text.
     ratio: an input channel whose range exceeds ratio x the median channel's is a shadow outlier
     (0: none). headroom: the static scale covers this many times the calibrated range (values of new
     text beyond the range saturate). migrate: see Int8Plan."""
-    if act_bits not in (8, 16) or weight_bits not in (8, 16):
+    values = lambda b: [b] if isinstance(b, int) else list(b.values())  # noqa: E731
+    if not set(values(act_bits) + values(weight_bits)) <= {8, 16}:
         raise ValueError("activation and weight bits must be 8 or 16 (two int8 halves)")
     ids = calibration_windows(tokenizer_json, tokens)
     ranges = calibrate.activation_ranges(weights, cfg, ids)

@@ -114,3 +114,14 @@ def test_outlier_rows_leave_the_int8_weight_and_16_bit_halves_rebuild_the_tensor
 def test_unknown_preset_is_refused(tiny_gguf, tmp_path):
     with pytest.raises(ValueError, match="unknown int8 prefill preset"):
         ondevice.convert(tiny_gguf, tmp_path / "x.bundle", int8_prefill="a4w4", progress=False)
+
+
+def test_bits_can_differ_by_kind_of_linear(tiny_gguf, tmp_path):
+    options = {"act_bits": {"mlp.down_proj": 16}, "weight_bits": {"self_attn.o_proj": 16}}
+    bundle = ondevice.convert(tiny_gguf, tmp_path / "mixed.bundle", int8_prefill=options, progress=False)
+    graph = onnx.load(bundle / "prefill_int8.onnx", load_external_data=False).graph
+    products = collections.Counter(n.name.split(".int8_out")[0].split(".", 3)[3] for n in graph.node
+                                   if n.op_type == "MatMul" and ".int8_out" in n.name)
+    # per layer: 16-bit activations into down (hi, lo), 16-bit weights in o (hi, lo), one product elsewhere
+    assert products == {"mlp.down_proj": 2 * 2, "self_attn.o_proj": 2 * 2, "self_attn.qkv_proj": 2,
+                        "mlp.gate_up_proj": 2}
