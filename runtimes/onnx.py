@@ -159,6 +159,7 @@ class OnnxBackend:
         except Exception as e:
             raise BundleError(f"{bundle.path}: ONNX Runtime cannot load the int8 prefill graph: {e}") from e
         _process["sessions"] += 1
+        release_file_pages(bundle.path)  # as for the float graph: the prepacked copies are what runs
         self._int8 = self.int8_session.io_binding()
         for i in range(self.layers):
             k, v = self._kv[2 * i], self._kv[2 * i + 1]
