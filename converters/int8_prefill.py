@@ -40,7 +40,7 @@ CALIBRATION_WINDOW = 256
 # a8w8 ~90% (the int8 NPU graph of the paper), a16w16 ~99.7% (three int8 products per linear).
 PRESETS = {"a16w16": {"act_bits": 16, "weight_bits": 16, "headroom": 4.0},
            "a16w8": {"act_bits": 16, "weight_bits": 8, "headroom": 4.0},
-           "a8w8": {"act_bits": 8, "weight_bits": 8, "headroom": 1.0, "chunk": 128}}  # 128: faster here than 256
+           "a8w8": {"act_bits": 8, "weight_bits": 8, "chunk": 128}}  # 128: faster here than 256
 DEFAULT_PRESET = "a16w16"
 
 # graph linear name suffix -> the canonical linear whose input it shares
@@ -60,7 +60,8 @@ class Int8Plan:
     act_bits: int | dict = 8  # 16: activations as two int8 halves, x ~ s*q_hi + s/254*q_lo (static scales);
     weight_bits: int | dict = 8  # 16: weights as two int8 halves likewise; a dict: bits per kind of linear
                                  # ("mlp.down_proj": 16, ...; kinds not named get 8)
-    headroom: float = 1.0  # the static scale covers this many times the calibrated range
+    headroom: float = 1.0  # a 16-bit activation's static scale covers this many times the calibrated range
+                           # (an 8-bit one covers the range itself: at 8 bits resolution matters more)
     migrate: float = 0.0  # alpha: input channel k of the weight is divided by (its max / the median)^alpha
                           # and the activation multiplied by it (exact in float; SmoothQuant's direction
                           # reversed: the weights' range moves into the activations)
@@ -125,7 +126,8 @@ class Int8GraphBuilder(GraphBuilder):
             wf, ranges = wf / c, ranges * c
         act_bits, weight_bits = self.plan.bits(name)
         w_parts, w_scale = quantize_weight(wf, p.outliers, weight_bits // 8)
-        x_scale = self.plan.headroom * float(np.delete(ranges, p.outliers).max()) / 127.0
+        headroom = self.plan.headroom if act_bits == 16 else 1.0
+        x_scale = headroom * float(np.delete(ranges, p.outliers).max()) / 127.0
         zero = self.const("int8.zero", np.array(0, np.int8))
         zeros = self.const(f"int8.zeros.{len(w_scale)}", np.zeros(len(w_scale), np.int8))
         # activation halves: static scales s, s/254 (the second quantizes the first's rounding error).
@@ -195,8 +197,8 @@ def make_plan(weights: dict, cfg, tokenizer_json: str, ratio: float = calibrate.
               tokens: int = CALIBRATION_TOKENS, preset: str | None = None) -> Int8Plan:
     """Static scales and outlier channels of every decoder linear from the calibration text.
     ratio: an input channel whose range exceeds ratio x the median channel's is a shadow outlier
-    (0: none). headroom: the static scale covers this many times the calibrated range (values of new
-    text beyond the range saturate). migrate: see Int8Plan."""
+    (0: none). headroom: the static scale of 16-bit activations covers this many times the calibrated
+    range (values of new text beyond it saturate). migrate: see Int8Plan."""
     values = lambda b: [b] if isinstance(b, int) else list(b.values())  # noqa: E731
     if not set(values(act_bits) + values(weight_bits)) <= {8, 16}:
         raise ValueError("activation and weight bits must be 8 or 16 (two int8 halves)")
