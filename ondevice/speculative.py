@@ -214,7 +214,7 @@ class SpecConfig:
     threshold: float = 0.25  # start value of the adaptive cumulative-confidence threshold
     lookup_tokens: int = 12
     adaptive: bool = True  # off: a fixed threshold, no cost model, speculation never pauses (tests)
-    pipeline: bool = True  # greedy: the draft drafts on while the target verifies
+    pipeline: bool = True  # greedy: the draft drafts on while the target verifies (load() decides)
 
 
 @dataclass
