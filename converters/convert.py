@@ -32,7 +32,7 @@ def convert(source: str | Path, out: str | Path, *, quant: str = "q4", block_siz
             symmetric: bool = False, max_context: int | None = None, compute: str = "float",
             draft_of: str | Path | None = None, draft_layers: int | None = None, draft_vocab: int | None = None,
             split_prefill: int | bool | None = None, int8_prefill: bool | str | dict = False, force: bool = False,
-            progress: bool = True) -> Path:
+            progress: bool = True, flash: bool | str = False) -> Path:
     """Convert a GGUF file or Hugging Face folder (or a model alias) into an ONNX bundle at `out`.
 
     compute: "float" (exact: greedy output equals a float reference on the same weights) or "int8"
@@ -51,6 +51,9 @@ def convert(source: str | Path, out: str | Path, *, quant: str = "q4", block_siz
     activations calibrated on the shipped text, int8 weights, shadow outliers in float; see
     converters/int8_prefill.py): True (the a16w16 preset), a preset name (a16w16, a16w8, a8w8) or a
     dict of make_plan's options (ratio, act_bits, weight_bits, headroom, migrate) and the chunk size.
+
+    flash: also write the FFN weights as a flash store (ffn_flash.bin, one record per neuron, read on
+    demand under a DRAM budget; converters/flash.py): True ("q4", exact for 4-bit sources) or "fp16".
     """
     if compute not in COMPUTE_ACCURACY_LEVEL:
         raise ValueError(f"compute must be one of {', '.join(COMPUTE_ACCURACY_LEVEL)}, not {compute!r}")
@@ -66,13 +69,17 @@ def convert(source: str | Path, out: str | Path, *, quant: str = "q4", block_siz
     if split is not None and split < 1:
         raise ValueError("split_prefill must be a positive chunk size (tokens)")
     int8_opts = int8.options(int8_prefill)
+    flash = "q4" if flash is True else (flash or None)
+    if flash is not None and flash not in ("q4", "fp16"):
+        raise ValueError(f"flash must be True, 'q4' or 'fp16', not {flash!r}")
     with tqdm(total=4 + bool(draft) + (int8_opts is not None), desc="convert", disable=not progress,
               unit="step") as steps:
-        return _convert(source, out, spec, max_context, compute, force, steps, started, draft, split, int8_opts)
+        return _convert(source, out, spec, max_context, compute, force, steps, started, draft, split, int8_opts,
+                        flash)
 
 
 def _convert(source, out, spec: QuantSpec, max_context, compute, force, steps, started, draft_opts,
-             split_chunk: int | None = None, int8_opts: dict | None = None) -> Path:
+             split_chunk: int | None = None, int8_opts: dict | None = None, flash: str | None = None) -> Path:
     quant = spec.mode
     accuracy_level = COMPUTE_ACCURACY_LEVEL[compute]
     path = resolve_source(source)
@@ -141,6 +148,14 @@ def _convert(source, out, spec: QuantSpec, max_context, compute, force, steps, s
         }
         if prefill_int8 is not None:  # same signature and KV layout as the graph above
             manifest["backends"]["onnx"]["prefill_int8"] = prefill_int8
+        if flash is not None:  # the FFN as a flash store; the weights outside it are the resident part
+            from ondevice.converters.flash import resident_weight_bytes, write_flash_store
+
+            steps.set_postfix_str("writing the flash store")
+            manifest["flash"] = write_flash_store(weights, cfg.num_layers, tmp, flash)
+            resident, ffn = resident_weight_bytes(g.initializers)
+            manifest["flash"].update(graph_resident_bytes=resident, graph_ffn_bytes=ffn,
+                                     resident_bytes=resident + manifest["flash"]["tables_bytes"])
         if draft is not None:
             manifest["draft"] = {"target": target, "source_layers": source_layers,
                                  "layers_kept": draft.layers_kept, "layer_scores": draft.layer_scores,

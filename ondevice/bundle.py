@@ -150,6 +150,8 @@ def verify_checksums(bundle: Bundle) -> None:
 def _referenced_files(manifest: dict) -> list[str]:
     vocab_map = manifest.get("vocab_map")
     names = [manifest.get("tokenizer", {}).get("file"), vocab_map.get("file") if isinstance(vocab_map, dict) else None]
+    flash = manifest.get("flash")
+    names.append(flash.get("file") if isinstance(flash, dict) else None)  # converters/flash.py: the FFN store
     for backend in manifest.get("backends", {}).values():
         names += [backend.get("graph"), backend.get("data")]
         split = backend.get("split_prefill")

@@ -39,3 +39,11 @@ class TokenizerMismatchError(OndeviceError):
 
 class ProfileError(OndeviceError):
     """A device profile that is missing, malformed, or has a figure out of range or without a source."""
+
+
+class FlashStoreError(OndeviceError):
+    """A flash store (ffn_flash.bin) that does not match its manifest entry: truncated, wrong size, short read."""
+
+
+class BudgetTooSmallError(OndeviceError):
+    """A DRAM budget below what must stay resident, or too small for the neurons a token needs."""

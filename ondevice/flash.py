@@ -1,0 +1,408 @@
+"""Flash-resident FFN weights: read neuron records from the bundle's flash store, keep a window in DRAM.
+
+The store (`ffn_flash.bin`, written by converters/flash.py, described by the manifest's "flash"
+entry) holds one fixed-size record per FFN neuron: its gate row, up row and down column.
+
+- `FlashReader` reads records with direct I/O (O_DIRECT: the page cache is bypassed, so every byte
+  asked for comes from storage), into page-aligned buffers (anonymous mmaps), several reads in flight
+  on a thread pool (os.preadv releases the GIL), neighbouring records coalesced into one read.
+  `submit(layer, ids)` returns a future: prefetch layer l+1 while layer l computes.
+- `NeuronWindow` is one layer's preallocated slot buffer: slots [0, n) hold the neurons active in the
+  last k tokens, field by field in the record's format (structure of arrays, e.g. gate codes
+  [slots, blocks, 16]); a token loads only its missing neurons; a neuron leaving the window is
+  replaced by the last slot (swap-delete), so slots stay dense and nothing is reallocated.
+- `FlashWeights` ties them to a DRAM budget: the budget covers the resident weights (everything
+  outside the store, from the manifest), the reader's staging buffers, in-flight records and the
+  windows; what is left is split evenly across layers. A budget below the fixed part raises
+  BudgetTooSmallError.
+
+Decode-time use (one token):
+
+    fw = FlashWeights(bundle, budget_bytes=70_000_000, window_tokens=5)
+    fut = fw.prefetch(0, active_ids_layer0)
+    for l in range(L):
+        view = fw.load(l, active_ids[l], fut)     # waits for the reads, fills missing slots
+        if l + 1 < L: fut = fw.prefetch(l + 1, active_ids[l + 1])
+        ... FFN over view.fields[...][view.active_slots] (or all slots [0:view.used]) ...
+    fw.end_token()
+"""
+
+from __future__ import annotations
+
+import mmap
+import os
+import threading
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from ondevice.errors import BudgetTooSmallError, FlashStoreError
+
+PAGE = 4096
+
+
+def record_dtype(entry: dict) -> np.dtype:
+    """The structured dtype of one record, from the manifest entry (padding included)."""
+    fields = entry["record_fields"]
+    return np.dtype({"names": [f[0] for f in fields], "formats": [(f[1], tuple(f[2])) for f in fields],
+                     "itemsize": entry["record_size"]})
+
+
+@dataclass
+class IOStats:
+    """Counters since the reader opened, and per token (`end_token` closes a token)."""
+
+    bytes_read: int = 0
+    reads: int = 0
+    records: int = 0
+    per_token: list[dict] = field(default_factory=list)
+    _mark: tuple[int, int, int] = (0, 0, 0)
+
+    def start_token(self) -> None:
+        """Count from here (e.g. after the tables were read at open)."""
+        self._mark = (self.bytes_read, self.reads, self.records)
+
+    def end_token(self) -> dict:
+        b, r, n = self._mark
+        tok = {"bytes_read": self.bytes_read - b, "reads": self.reads - r, "records": self.records - n}
+        self.per_token.append(tok)
+        self._mark = (self.bytes_read, self.reads, self.records)
+        return tok
+
+
+class FlashReader:
+    """Direct-I/O reads of neuron records from a flash store.
+
+    inflight: reads in flight (threads, each with its own aligned staging buffer of max_read bytes).
+    max_gap: records this many bytes apart or less are read in one go (reading the gap is cheaper
+    than another read). direct=False reads through the page cache (for comparison, and for file
+    systems without O_DIRECT, e.g. tmpfs; direct=None tries O_DIRECT and falls back).
+    """
+
+    def __init__(self, path: str | os.PathLike, entry: dict, *, inflight: int = 4, max_read: int = 256 * 1024,
+                 max_gap: int = 8192, direct: bool | None = True):
+        self.path, self.entry = os.fspath(path), entry
+        self.dtype = record_dtype(entry)
+        self.rec = self.dtype.itemsize
+        if max_read % PAGE or max_read < PAGE + self.rec:
+            raise ValueError(f"max_read must be a multiple of {PAGE} of at least one record plus a page")
+        self.max_read, self.max_gap, self.inflight = max_read, max_gap, inflight
+        expected = int(entry["file_bytes"])
+        try:
+            size = os.stat(self.path).st_size
+        except FileNotFoundError:
+            raise FlashStoreError(f"{self.path}: flash store missing; re-convert with --flash") from None
+        if size != expected:
+            raise FlashStoreError(f"{self.path}: flash store has {size} bytes, the manifest says {expected}: "
+                                  "truncated or modified; re-convert the model with --flash")
+        self.direct = direct is not False
+        try:
+            self.fd = os.open(self.path, os.O_RDONLY | (os.O_DIRECT if self.direct else 0))
+        except OSError:
+            if direct:
+                raise
+            self.direct, self.fd = False, os.open(self.path, os.O_RDONLY)
+        n_ff = int(entry["intermediate_size"])
+        self.positions = []  # per layer: neuron id -> position in the file
+        for layer in entry["layers"]:
+            order = np.arange(n_ff) if layer["order"] == "identity" else np.asarray(layer["order"], np.int64)
+            pos = np.empty(n_ff, np.int64)
+            pos[order] = np.arange(n_ff)
+            self.positions.append(pos)
+        self.stats = IOStats()
+        self._lock = threading.Lock()
+        self._local = threading.local()
+        self._buffers: list[mmap.mmap] = []
+        self._pool = ThreadPoolExecutor(max_workers=inflight, thread_name_prefix="flash-read")
+
+    @property
+    def staging_bytes(self) -> int:
+        """DRAM the reader can hold besides the records it returns: per thread, an aligned staging
+        buffer and the copy of the records taken out of it."""
+        return 2 * self.inflight * self.max_read
+
+    def tables(self, layer: int) -> dict[str, np.ndarray]:
+        """A layer's resident tables (the q4 encoding's down scales and mins), read once."""
+        out = {}
+        for name, t in self.entry["layers"][layer]["tables"].items():
+            dt = np.dtype(t["dtype"])
+            n = int(np.prod(t["shape"])) * dt.itemsize
+            out[name] = np.frombuffer(self._pread(t["offset"], n), dt).reshape(t["shape"]).copy()
+        return out
+
+    def read(self, layer: int, ids) -> np.ndarray:
+        """Records of neurons `ids` (in that order) of `layer`, as a structured array."""
+        return self.submit(layer, ids).result()
+
+    def submit(self, layer: int, ids) -> Future:
+        """Start reading; the future's result is what `read` returns."""
+        ids = np.asarray(ids, np.int64).reshape(-1)
+        out = np.empty(len(ids), self.dtype)
+        runs = self.plan(layer, ids)
+        futures = [self._pool.submit(self._read_run, start, length, dest, rel, out) for start, length, dest, rel in runs]
+        return _Gather(futures, out)
+
+    def plan(self, layer: int, ids: np.ndarray) -> list[tuple[int, int, np.ndarray, np.ndarray]]:
+        """Coalesced reads: (file offset, length, indices into the output, record offsets in the read)."""
+        if len(ids) == 0:
+            return []
+        base = int(self.entry["layers"][layer]["records_offset"])
+        starts = base + self.positions[layer][ids] * self.rec
+        order = np.argsort(starts, kind="stable")
+        runs, i = [], 0
+        while i < len(order):
+            first = int(starts[order[i]])
+            run_start = first - first % PAGE
+            j = i + 1
+            while (j < len(order) and int(starts[order[j]]) - int(starts[order[j - 1]]) - self.rec <= self.max_gap
+                   and _align_up(int(starts[order[j]]) + self.rec) - run_start <= self.max_read):
+                j += 1
+            run_end = _align_up(int(starts[order[j - 1]]) + self.rec)
+            idx = order[i:j]
+            runs.append((run_start, run_end - run_start, idx, starts[idx] - run_start))
+            i = j
+        return runs
+
+    def _buffer(self) -> memoryview:
+        buf = getattr(self._local, "buf", None)
+        if buf is None:
+            buf = self._local.buf = mmap.mmap(-1, self.max_read)  # anonymous: page-aligned
+            with self._lock:
+                self._buffers.append(buf)
+        return memoryview(buf)
+
+    def _pread(self, offset: int, length: int) -> bytes:
+        start = offset - offset % PAGE
+        span = _align_up(offset + length) - start
+        buf = mmap.mmap(-1, span)
+        try:
+            self._preadv(memoryview(buf), start, span, offset + length - start)
+            return bytes(buf[offset - start:offset - start + length])
+        finally:
+            buf.close()
+
+    def _preadv(self, view: memoryview, offset: int, length: int, need: int) -> None:
+        got = os.preadv(self.fd, [view[:length]], offset)
+        if got < need:
+            raise FlashStoreError(f"{self.path}: short read at byte {offset} ({got} of {need} bytes): the flash "
+                                  "store is truncated; re-convert the model with --flash")
+        with self._lock:
+            self.stats.bytes_read += length
+            self.stats.reads += 1
+
+    def _read_run(self, start: int, length: int, dest: np.ndarray, rel: np.ndarray, out: np.ndarray) -> None:
+        view = self._buffer()
+        self._preadv(view, start, length, int(rel.max()) + self.rec)
+        # Records start at multiples of the record size from the run's start (sections are page-aligned,
+        # a record size divides a page or is whole pages).
+        recs = np.frombuffer(view, np.uint8, count=length - length % self.rec).reshape(-1, self.rec)
+        out.view(np.uint8).reshape(len(out), self.rec)[dest] = recs[rel // self.rec]
+        with self._lock:
+            self.stats.records += len(dest)
+
+    def close(self) -> None:
+        self._pool.shutdown(wait=True)
+        if self.fd >= 0:
+            os.close(self.fd)
+            self.fd = -1
+        for b in self._buffers:
+            b.close()
+        self._buffers.clear()
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
+
+
+def _align_up(n: int) -> int:
+    return -(-n // PAGE) * PAGE
+
+
+class _Gather(Future):
+    """A future over several reads: done when all are, its result the filled record array."""
+
+    def __init__(self, futures: list[Future], out: np.ndarray):
+        super().__init__()
+        self._parts, self._out = futures, out
+
+    def result(self, timeout=None):
+        for f in self._parts:
+            f.result(timeout)
+        return self._out
+
+    def done(self):
+        return all(f.done() for f in self._parts)
+
+
+class NeuronWindow:
+    """One layer's DRAM window: `capacity` preallocated slots, each holding one neuron's record fields.
+
+    slot -> neuron in `neuron_of[:used]`, neuron -> slot in `slot_of` (-1 when absent); `last_active`
+    is the token at which each slot's neuron was last active. Slots [0, used) are always the resident
+    neurons (dense); eviction moves the last slot into the freed one.
+    """
+
+    def __init__(self, dtype: np.dtype, capacity: int, n_neurons: int, window_tokens: int = 5):
+        self.capacity, self.window_tokens = capacity, window_tokens
+        self.fields = {name: np.zeros((capacity,) + dtype[name].shape, dtype[name].base)
+                       for name in dtype.names}
+        self.neuron_of = np.full(capacity, -1, np.int64)
+        self.last_active = np.zeros(capacity, np.int64)
+        self.slot_of = np.full(n_neurons, -1, np.int64)
+        self.used = 0
+        self.hits = self.misses = 0
+
+    @property
+    def nbytes(self) -> int:
+        return sum(a.nbytes for a in self.fields.values())
+
+    def missing(self, ids: np.ndarray) -> np.ndarray:
+        ids = np.unique(np.asarray(ids, np.int64))
+        return ids[self.slot_of[ids] < 0]
+
+    def update(self, ids, token: int, records: np.ndarray | None, missing: np.ndarray | None = None) -> np.ndarray:
+        """Make `ids` resident for `token`: evict neurons not active in the last `window_tokens` tokens
+        (then least recently active ones, if room is still short), put `records` (of `missing`, as
+        returned by `missing(ids)`) into free slots; returns the slots of `ids`, in their order."""
+        ids = np.asarray(ids, np.int64).reshape(-1)
+        uniq = np.unique(ids)
+        if len(uniq) > self.capacity:
+            raise BudgetTooSmallError(f"a token needs {len(uniq)} neurons in this layer but the window holds "
+                                      f"{self.capacity}: raise the DRAM budget or select fewer neurons")
+        if missing is None:
+            missing = self.missing(uniq)
+        n_miss = len(missing)
+        self.hits += len(uniq) - n_miss
+        self.misses += n_miss
+        present = self.slot_of[uniq]
+        self.last_active[present[present >= 0]] = token
+        stale = np.flatnonzero(self.last_active[:self.used] <= token - self.window_tokens)
+        for s in sorted(stale.tolist(), reverse=True):  # highest first: a moved slot is never stale-listed
+            self._evict(s)
+        short = self.used + n_miss - self.capacity
+        if short > 0:  # least recently active first, never one this token needs
+            keep = np.zeros(self.used, bool)
+            keep[self.slot_of[uniq[self.slot_of[uniq] >= 0]]] = True
+            victims = [int(self.neuron_of[s]) for s in np.argsort(self.last_active[:self.used], kind="stable")
+                       if not keep[s]][:short]
+            for n in victims:
+                self._evict(int(self.slot_of[n]))
+        if n_miss:
+            slots = np.arange(self.used, self.used + n_miss)
+            for name, arr in self.fields.items():
+                arr[slots] = records[name]
+            self.neuron_of[slots] = missing
+            self.slot_of[missing] = slots
+            self.last_active[slots] = token
+            self.used += n_miss
+        return self.slot_of[ids]
+
+    def _evict(self, slot: int) -> None:
+        last = self.used - 1
+        gone = int(self.neuron_of[slot])
+        if slot != last:
+            moved = int(self.neuron_of[last])
+            for arr in self.fields.values():
+                arr[slot] = arr[last]
+            self.neuron_of[slot], self.last_active[slot] = moved, self.last_active[last]
+            self.slot_of[moved] = slot
+        self.slot_of[gone] = -1
+        self.neuron_of[last] = -1
+        self.used = last
+
+
+@dataclass
+class LayerView:
+    """What the FFN of one layer computes with: window fields [capacity, ...] (slots [0, used) valid)
+    and the slots of this token's active neurons; `tables` are the layer's resident tables."""
+
+    fields: dict[str, np.ndarray]
+    used: int
+    active_slots: np.ndarray
+    tables: dict[str, np.ndarray]
+
+
+class FlashWeights:
+    """The flash store of a bundle under a DRAM budget: a reader, one window per layer, counters."""
+
+    def __init__(self, bundle, budget_bytes: int, *, window_tokens: int = 5, inflight: int = 4,
+                 max_read: int = 256 * 1024, max_gap: int = 8192, direct: bool | None = True):
+        entry = bundle.manifest.get("flash")
+        if not isinstance(entry, dict):
+            raise FlashStoreError(f"{bundle.path}: the bundle has no flash store; convert with --flash")
+        self.entry = entry
+        self.reader = FlashReader(bundle.file(entry["file"]), entry, inflight=inflight, max_read=max_read,
+                                  max_gap=max_gap, direct=direct)
+        try:
+            self.layers, n_ff = int(entry["num_layers"]), int(entry["intermediate_size"])
+            self.budget = int(budget_bytes)
+            self.capacity = capacity_for_budget(entry, self.budget, self.reader.staging_bytes)
+            self.tables = [self.reader.tables(i) for i in range(self.layers)]
+            self.reader.stats.start_token()
+            self.windows = [NeuronWindow(self.reader.dtype, self.capacity, n_ff, window_tokens)
+                            for _ in range(self.layers)]
+        except BaseException:
+            self.reader.close()
+            raise
+        self.token = 0
+
+    def dram_bytes(self) -> int:
+        """What this holds in DRAM at most: resident weights, staging, two layers of records in flight, windows."""
+        return (int(self.entry["resident_bytes"]) - int(self.entry["tables_bytes"])
+                + sum(t.nbytes for ts in self.tables for t in ts.values()) + self.reader.staging_bytes
+                + 2 * self.capacity * self.reader.rec + sum(w.nbytes for w in self.windows))
+
+    def prefetch(self, layer: int, ids) -> Future:
+        """Start reading the records of `ids` that the layer's window lacks (do not load the layer in between)."""
+        missing = self.windows[layer].missing(ids)
+        if len(missing) > self.capacity:
+            raise BudgetTooSmallError(f"a token needs {len(missing)} new neurons in layer {layer} but the window "
+                                      f"holds {self.capacity}: raise the DRAM budget or select fewer neurons")
+        fut = self.reader.submit(layer, missing)
+        fut.missing = missing
+        return fut
+
+    def load(self, layer: int, ids, prefetched: Future | None = None) -> LayerView:
+        """Make the layer's window hold `ids` (reading what is missing, or taking a prefetch's records)."""
+        fut = prefetched if prefetched is not None else self.prefetch(layer, ids)
+        records = fut.result()
+        slots = self.windows[layer].update(ids, self.token, records, fut.missing)
+        w = self.windows[layer]
+        return LayerView(w.fields, w.used, slots, self.tables[layer])
+
+    def end_token(self) -> dict:
+        self.token += 1
+        return self.reader.stats.end_token()
+
+    @property
+    def hit_rate(self) -> float:
+        hits = sum(w.hits for w in self.windows)
+        total = hits + sum(w.misses for w in self.windows)
+        return hits / total if total else 0.0
+
+    def close(self) -> None:
+        self.reader.close()
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
+
+
+def capacity_for_budget(entry: dict, budget_bytes: int, staging_bytes: int) -> int:
+    """Neuron slots per layer that a DRAM budget allows: (budget - resident - staging) over the layers'
+    windows plus two layers' records in flight; BudgetTooSmallError below the fixed part."""
+    resident = int(entry["resident_bytes"])
+    fixed = resident + staging_bytes
+    slot = int(entry["record_payload"])
+    layers, n_ff = int(entry["num_layers"]), int(entry["intermediate_size"])
+    if budget_bytes < fixed + layers * slot + 2 * entry["record_size"]:
+        raise BudgetTooSmallError(
+            f"a DRAM budget of {budget_bytes / 1e6:.1f} MB is below what must stay resident: "
+            f"{resident / 1e6:.1f} MB of weights outside the flash store + {staging_bytes / 1e6:.1f} MB of read "
+            f"buffers (+ at least one neuron per layer); give at least {(fixed + layers * slot) / 1e6 + 0.1:.1f} MB")
+    return min(n_ff, (budget_bytes - fixed) // (layers * slot + 2 * int(entry["record_size"])))
