@@ -177,13 +177,15 @@ class FlashReader:
         span = _align_up(offset + length) - start
         buf = mmap.mmap(-1, span)
         try:
-            self._preadv(memoryview(buf), start, span, offset + length - start)
+            with memoryview(buf) as view:
+                self._preadv(view, start, span, offset + length - start)
             return bytes(buf[offset - start:offset - start + length])
         finally:
             buf.close()
 
     def _preadv(self, view: memoryview, offset: int, length: int, need: int) -> None:
-        got = os.preadv(self.fd, [view[:length]], offset)
+        with view[:length] as part:
+            got = os.preadv(self.fd, [part], offset)
         if got < need:
             raise FlashStoreError(f"{self.path}: short read at byte {offset} ({got} of {need} bytes): the flash "
                                   "store is truncated; re-convert the model with --flash")
@@ -192,12 +194,13 @@ class FlashReader:
             self.stats.reads += 1
 
     def _read_run(self, start: int, length: int, dest: np.ndarray, rel: np.ndarray, out: np.ndarray) -> None:
-        view = self._buffer()
-        self._preadv(view, start, length, int(rel.max()) + self.rec)
-        # Records start at multiples of the record size from the run's start (sections are page-aligned,
-        # a record size divides a page or is whole pages).
-        recs = np.frombuffer(view, np.uint8, count=length - length % self.rec).reshape(-1, self.rec)
-        out.view(np.uint8).reshape(len(out), self.rec)[dest] = recs[rel // self.rec]
+        with self._buffer() as view:
+            self._preadv(view, start, length, int(rel.max()) + self.rec)
+            # Records start at multiples of the record size from the run's start (sections are
+            # page-aligned, a record size divides a page or is whole pages).
+            recs = np.frombuffer(view, np.uint8, count=length - length % self.rec).reshape(-1, self.rec)
+            out.view(np.uint8).reshape(len(out), self.rec)[dest] = recs[rel // self.rec]
+            del recs
         with self._lock:
             self.stats.records += len(dest)
 
