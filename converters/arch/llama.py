@@ -221,15 +221,31 @@ def after_attention(g: GraphBuilder, cfg: LlamaConfig, w: LlamaWeights, i: int, 
                     residual: str) -> tuple[str, str]:
     """O projection + residual + norm + MLP + residual + the next layer's input norm (the final norm
     after the last layer): (normed, residual) for the next layer."""
-    p, eps = f"model.layers.{i}", cfg.rms_norm_eps
+    normed, residual = output_projection(g, cfg, w, i, attn, residual)
+    return next_layer_input(g, cfg, w, i, mlp(g, w, i, normed), residual)
+
+
+def output_projection(g: GraphBuilder, cfg: LlamaConfig, w: LlamaWeights, i: int, attn: str,
+                      residual: str) -> tuple[str, str]:
+    """O projection + residual + the post-attention norm: (the MLP's input, residual)."""
+    p = f"model.layers.{i}"
     o = g.linear(attn, w.linear([f"{p}.self_attn.o_proj.weight"], "attention.o"), f"{p}.self_attn.o_proj")
-    normed, residual = g.skip_rms_norm(o, residual, w.norm(f"{p}.post_attention_layernorm.weight"), eps,
-                                       f"{p}.post_attention_norm")
+    return g.skip_rms_norm(o, residual, w.norm(f"{p}.post_attention_layernorm.weight"), cfg.rms_norm_eps,
+                           f"{p}.post_attention_norm")
+
+
+def mlp(g: GraphBuilder, w: LlamaWeights, i: int, normed: str) -> str:
+    p = f"model.layers.{i}"
     gate_up = w.linear([f"{p}.mlp.gate_proj.weight", f"{p}.mlp.up_proj.weight"], "mlp.gate_up")
     h = g.silu_mul(g.linear(normed, gate_up, f"{p}.mlp.gate_up_proj"), f"{p}.mlp")
-    down = g.linear(h, w.linear([f"{p}.mlp.down_proj.weight"], "mlp.down"), f"{p}.mlp.down_proj")
+    return g.linear(h, w.linear([f"{p}.mlp.down_proj.weight"], "mlp.down"), f"{p}.mlp.down_proj")
+
+
+def next_layer_input(g: GraphBuilder, cfg: LlamaConfig, w: LlamaWeights, i: int, mlp_out: str,
+                     residual: str) -> tuple[str, str]:
+    """Residual + layer i's MLP output, normed for layer i + 1 (the final norm after the last layer)."""
     next_norm = f"model.layers.{i + 1}.input_layernorm.weight" if i + 1 < cfg.num_layers else "model.norm.weight"
-    return g.skip_rms_norm(down, residual, w.norm(next_norm), eps, f"{p}.output_norm")
+    return g.skip_rms_norm(mlp_out, residual, w.norm(next_norm), cfg.rms_norm_eps, f"model.layers.{i}.output_norm")
 
 
 def lm_head(g: GraphBuilder, cfg: LlamaConfig, w: LlamaWeights, normed: str, logits_from: str, table) -> str:
