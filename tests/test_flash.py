@@ -57,6 +57,10 @@ def test_neighbouring_records_coalesce_into_fewer_reads(flash_bundle, entry):
     with FlashReader(flash_bundle / FLASH_FILE, entry, max_gap=1 << 20) as r:
         r.read(0, [0, 127])  # the gap is read along: one read
         assert r.stats.reads == 1
+    with FlashReader(flash_bundle / FLASH_FILE, entry, max_gap=1 << 20, max_read=8192) as r:
+        runs = r.plan(0, np.arange(entry["intermediate_size"])[::-1])
+        assert [length for _, length, _, _ in runs] == [8192, 8192]  # split at max_read, page-aligned
+        assert sorted(np.concatenate([run[2] for run in runs]).tolist()) == list(range(128))
 
 
 def test_a_prefetch_future_gives_what_a_read_gives_and_counters_split_per_token(flash_bundle, entry):

@@ -1,0 +1,172 @@
+"""Direct-I/O read behaviour of the flash store (ffn_flash.bin) on this machine.
+
+For each encoding (q4: 1 KiB records, fp16: 4 KiB records) and each read pattern, reads the neurons
+of every layer that a token would need (a random fraction of each layer's neurons: the worst case
+for coalescing, no window reuse) through ondevice.flash.FlashReader, and reports bytes/s, reads/s,
+bytes read per token (pages read, including the gaps read along) and ms per token:
+
+- "one record per read": every neuron record its own read (no coalescing; 2 records in one page
+  are two reads of that page);
+- "coalesced": neighbouring records (gap <= 8 KiB) in one read of up to 256 KiB;
+- "whole layer": every record of each layer in reads of up to 256 KiB (the naive baseline's I/O).
+
+with 1, 4 and 16 reads in flight. O_DIRECT bypasses the page cache: every byte comes from storage
+(no cache to drop). The buffered baseline ("mmap cold") maps the file and touches the records after
+posix_fadvise(DONTNEED) (and /proc/sys/vm/drop_caches when writable) before every token.
+
+    python benchmarks/flash_io.py [--bundle-q4 B] [--bundle-fp16 B] [--tokens 6] [--json out.json]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import mmap
+import os
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+
+from ondevice.bundle import read_bundle
+from ondevice.flash import FlashReader
+
+
+def bundle_for(encoding: str, given: str | None) -> Path:
+    if given:
+        return Path(given)
+    from ondevice.converters.convert import convert
+
+    out = Path(tempfile.gettempdir()) / f"flash_io_{encoding}.bundle"
+    return convert("smollm2-135m", out, force=True, progress=False, flash=encoding)
+
+
+def drop_cache(path: Path) -> str:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+    finally:
+        os.close(fd)
+    try:
+        with open("/proc/sys/vm/drop_caches", "w") as f:
+            f.write("1\n")
+        return "fadvise DONTNEED + drop_caches"
+    except OSError:
+        return "fadvise DONTNEED"
+
+
+def run_direct(path, entry, fraction, tokens, inflight, max_read, max_gap, rng) -> dict:
+    layers, n_ff = entry["num_layers"], entry["intermediate_size"]
+    with FlashReader(path, entry, inflight=inflight, max_read=max_read, max_gap=max_gap, direct=True) as r:
+        r.read(0, [0])  # threads and buffers up
+        r.stats.start_token()
+        t = time.perf_counter()
+        for _ in range(tokens):
+            futures = []
+            for layer in range(layers):
+                ids = np.arange(n_ff) if fraction >= 1 else rng.choice(n_ff, int(fraction * n_ff), replace=False)
+                futures.append(r.submit(layer, np.sort(ids)))
+                if len(futures) > 2:  # keep about two layers in flight, as a decode loop with prefetch would
+                    futures.pop(0).result()
+            for f in futures:
+                f.result()
+            r.stats.end_token()
+        dt = time.perf_counter() - t
+        toks = r.stats.per_token
+    b = sum(x["bytes_read"] for x in toks)
+    n = sum(x["reads"] for x in toks)
+    return {"ms_per_token": 1e3 * dt / tokens, "MB_per_s": b / dt / 1e6, "reads_per_s": n / dt,
+            "MB_per_token": b / tokens / 1e6, "reads_per_token": n / tokens,
+            "useful_MB_per_token": sum(x["records"] for x in toks) * entry["record_payload"] / tokens / 1e6}
+
+
+def run_mmap_cold(path, entry, fraction, tokens, rng) -> dict:
+    layers, n_ff, rec = entry["num_layers"], entry["intermediate_size"], entry["record_size"]
+    total, how = 0.0, ""
+    with open(path, "rb") as f:
+        m = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ)
+        raw = np.frombuffer(m, np.uint8)
+        for _ in range(tokens):
+            how = drop_cache(path)
+            t = time.perf_counter()
+            for layer in range(layers):
+                ids = np.arange(n_ff) if fraction >= 1 else np.sort(rng.choice(n_ff, int(fraction * n_ff), replace=False))
+                start = entry["layers"][layer]["records_offset"]
+                idx = (start + ids * rec)[:, None] + np.arange(rec)
+                raw[idx].sum()  # touch every byte of the records
+            total += time.perf_counter() - t
+        del raw
+        m.close()
+    return {"ms_per_token": 1e3 * total / tokens, "cache": how}
+
+
+def raw_qd1_4k(path, n=4000) -> float:
+    """Plain os.preadv of random 4 KiB pages one at a time (no pool): the device's qd1 IOPS."""
+    fd = os.open(path, os.O_RDONLY | os.O_DIRECT)
+    buf = mmap.mmap(-1, 4096)
+    pages = os.stat(path).st_size // 4096
+    rng = np.random.default_rng(0)
+    offs = rng.integers(0, pages, n) * 4096
+    t = time.perf_counter()
+    for o in offs:
+        os.preadv(fd, [buf], int(o))
+    dt = time.perf_counter() - t
+    os.close(fd)
+    buf.close()
+    return n / dt
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--bundle-q4")
+    ap.add_argument("--bundle-fp16")
+    ap.add_argument("--tokens", type=int, default=6)
+    ap.add_argument("--fractions", type=float, nargs="+", default=[0.25, 0.5, 1.0])
+    ap.add_argument("--inflight", type=int, nargs="+", default=[1, 4, 16])
+    ap.add_argument("--json")
+    args = ap.parse_args(argv)
+    rng = np.random.default_rng(0)
+    rows = []
+    for encoding, given in (("q4", args.bundle_q4), ("fp16", args.bundle_fp16)):
+        bundle = read_bundle(bundle_for(encoding, given), verify=False)
+        entry = bundle.manifest["flash"]
+        path = bundle.file(entry["file"])
+        if encoding == "q4":
+            iops = raw_qd1_4k(path)
+            print(f"raw O_DIRECT 4 KiB random reads, one at a time, no pool: {iops:,.0f} reads/s", file=sys.stderr)
+            rows.append({"encoding": "raw", "pattern": "4 KiB random qd1", "reads_per_s": iops})
+        patterns = {"one record per read": dict(max_read=256 * 1024, max_gap=-1),
+                    "coalesced": dict(max_read=256 * 1024, max_gap=8192),
+                    "whole layer": dict(max_read=256 * 1024, max_gap=1 << 30)}
+        for name, opts in patterns.items():
+            for fraction in (args.fractions if name != "whole layer" else [1.0]):
+                for inflight in args.inflight:
+                    tokens = max(2, args.tokens // 2) if name == "one record per read" else args.tokens
+                    r = run_direct(path, entry, fraction, tokens, inflight, rng=rng, **opts)
+                    row = {"encoding": encoding, "record_bytes": entry["record_size"], "pattern": name,
+                           "ffn_fraction": fraction, "inflight": inflight, **{k: round(v, 2) for k, v in r.items()}}
+                    rows.append(row)
+                    print(json.dumps(row), file=sys.stderr)
+        for fraction in args.fractions:
+            r = run_mmap_cold(path, entry, fraction, max(2, args.tokens // 2), rng)
+            row = {"encoding": encoding, "pattern": "mmap cold", "ffn_fraction": fraction,
+                   "ms_per_token": round(r["ms_per_token"], 2), "cache": r["cache"]}
+            rows.append(row)
+            print(json.dumps(row), file=sys.stderr)
+    print("| encoding | pattern | FFN/token | in flight | ms/token | MB read/token | reads/token | MB/s | reads/s |")
+    print("|---|---|---|---|---|---|---|---|---|")
+    for r in rows:
+        if r["encoding"] == "raw":
+            continue
+        print(f"| {r['encoding']} | {r['pattern']} | {r['ffn_fraction']:.0%} | {r.get('inflight', '-')} | "
+              f"{r['ms_per_token']:.1f} | {r.get('MB_per_token', float('nan')):.1f} | {r.get('reads_per_token', 0):.0f} | "
+              f"{r.get('MB_per_s', float('nan')):.0f} | {r.get('reads_per_s', 0):,.0f} |")
+    if args.json:
+        Path(args.json).write_text(json.dumps(rows, indent=1))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
