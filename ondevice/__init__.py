@@ -124,7 +124,8 @@ def convert(source: str | os.PathLike, out: str | os.PathLike, *, quant: str = "
             symmetric: bool = False, max_context: int | None = None, compute: str = "float",
             draft_of: str | os.PathLike | None = None, draft_layers: int | None = None,
             draft_vocab: int | None = None, int8_prefill: bool | str | dict = False,
-            split_prefill: int | bool | None = None, force: bool = False, progress: bool = True) -> Path:
+            split_prefill: int | bool | None = None, force: bool = False, progress: bool = True,
+            flash: bool | str = False) -> Path:
     """Convert a GGUF file, a Hugging Face folder or a model alias (e.g. "smollm2-135m") into a bundle.
 
     quant: q4 (default; GGUF 4-bit blocks kept exactly) | q8 | fp16 | fp32; block_size and symmetric
@@ -140,10 +141,14 @@ def convert(source: str | os.PathLike, out: str | os.PathLike, *, quant: str = "
 
     split_prefill: also write split prefill graphs for chunks of this many tokens (True: 256): linear
     subgraphs for an NPU, attention for the CPU (load(split_prefill=True) runs them).
+
+    flash: also write the FFN weights as a flash store (ffn_flash.bin), one record per neuron (gate
+    row, up row, down column) to read on demand under a DRAM budget (ondevice/flash.py): True ("q4",
+    exact for 4-bit sources) or "fp16".
     """
     from ondevice.converters.convert import convert as _convert
 
     return _convert(source, out, quant=quant, block_size=block_size, symmetric=symmetric,
                     max_context=max_context, compute=compute, draft_of=draft_of, draft_layers=draft_layers,
                     draft_vocab=draft_vocab, int8_prefill=int8_prefill, split_prefill=split_prefill, force=force,
-                    progress=progress)
+                    progress=progress, flash=flash)

@@ -36,7 +36,7 @@ def cmd_convert(args) -> int:
                   symmetric=args.symmetric, max_context=args.context, compute=args.compute,
                   draft_of=args.draft_of, draft_layers=args.draft_layers, draft_vocab=args.draft_vocab,
                   split_prefill=args.split_prefill, int8_prefill=args.int8_prefill or False,
-                  force=args.force, progress=not args.quiet)
+                  force=args.force, progress=not args.quiet, flash=args.flash or False)
     size = sum(p.stat().st_size for p in Path(out).iterdir()) / 1e6
     print(f"wrote {out} ({size:.1f} MB) in {time.perf_counter() - t:.1f} s", file=sys.stderr)
     return 0
@@ -213,6 +213,16 @@ def cmd_inspect(args) -> int:
         print(f"int8 prefill  {iq.get('preset', 'custom')}: {iq['int8_linears']} linears on int8 kernels "
               f"({iq['activation_bits']}-bit activations, {iq['weight_bits']}-bit weights, static scales), "
               f"{iq['outlier_channels_total']} outlier channels in float, chunks of {int8['chunk_sizes'][0]}")
+    if isinstance(m.get("flash"), dict):
+        f = m["flash"]
+        print(f"flash store   {f['file']}: {f['encoding']} ({'exact' if f['exact'] else 'max error %.3g' % f['max_abs_error']}), "
+              f"{f['num_layers']} layers x {f['intermediate_size']} neurons x {f['record_size']} B records "
+              f"({f['record_payload']} B of weights), sections aligned to {f['page_size']} B, neuron order "
+              f"{'identity' if all(x['order'] == 'identity' for x in f['layers']) else 'permuted'}")
+        print(f"  resident    {f['resident_bytes'] / 1e6:9.2f} MB  (weights outside the store: graph "
+              f"{f['graph_resident_bytes'] / 1e6:.2f} MB + store tables {f['tables_bytes'] / 1e6:.2f} MB)")
+        print(f"  in flash    {f['file_bytes'] / 1e6:9.2f} MB  (the graph's own copy of the FFN: "
+              f"{f['graph_ffn_bytes'] / 1e6:.2f} MB)")
     print(f"source        {m['source'].get('format')} {m['source'].get('file') or m['source'].get('folder')}")
     if "draft" in m:
         d = m["draft"]
@@ -277,6 +287,9 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--split-prefill", type=int, nargs="?", const=256, default=None, metavar="C",
                    help="also write split prefill graphs for chunks of C tokens (default 256): per-layer "
                         "linear graphs (an NPU's share) and an attention graph (the CPU's)")
+    c.add_argument("--flash", nargs="?", const="q4", default=None, choices=["q4", "fp16"],
+                   help="also write the FFN weights as a flash store read on demand under a DRAM budget "
+                        "(ffn_flash.bin: one record per neuron, q4 exact for 4-bit sources, or fp16)")
     c.add_argument("--force", action="store_true", help="overwrite an existing bundle")
     c.add_argument("--quiet", action="store_true", help="no progress bar")
     c.set_defaults(func=cmd_convert)

@@ -260,3 +260,22 @@ def test_record_dtype_from_the_manifest_matches_the_converter(entry):
     from ondevice.converters.flash import record_dtype as converter_dtype
 
     assert record_dtype(entry) == converter_dtype(entry["encoding"], entry["hidden_size"])
+
+
+# --- interfaces --------------------------------------------------------------------------------------
+
+def test_convert_flash_on_the_command_line_and_inspect_shows_resident_and_flash_sizes(tiny_gguf, tmp_path, capsys):
+    from ondevice.cli import main
+
+    out = tmp_path / "cli.bundle"
+    assert main(["convert", str(tiny_gguf), str(out), "--flash", "fp16", "--quiet"]) == 0
+    assert json.loads((out / "manifest.json").read_text())["flash"]["encoding"] == "fp16"
+    capsys.readouterr()
+    assert main(["inspect", str(out)]) == 0
+    text = capsys.readouterr().out
+    assert "flash store   ffn_flash.bin: fp16" in text and "resident" in text and "in flash" in text
+
+
+def test_convert_refuses_an_unknown_flash_encoding(tiny_gguf, tmp_path):
+    with pytest.raises(ValueError, match="flash must be"):
+        convert(tiny_gguf, tmp_path / "x.bundle", progress=False, flash="q8")
