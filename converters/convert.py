@@ -156,6 +156,8 @@ def _convert(source, out, spec: QuantSpec, max_context, compute, force, steps, s
             resident, ffn = resident_weight_bytes(g.initializers)
             manifest["flash"].update(graph_resident_bytes=resident, graph_ffn_bytes=ffn,
                                      resident_bytes=resident + manifest["flash"]["tables_bytes"])
+            manifest["backends"]["onnx"]["flash_graphs"] = _flash_graphs(arch, cfg, weights, spec, context,
+                                                                         accuracy_level, tmp, graph_file)
         if draft is not None:
             manifest["draft"] = {"target": target, "source_layers": source_layers,
                                  "layers_kept": draft.layers_kept, "layer_scores": draft.layer_scores,
@@ -168,6 +170,16 @@ def _convert(source, out, spec: QuantSpec, max_context, compute, force, steps, s
         write_manifest(tmp, manifest)
         steps.update()
     return Path(out)
+
+
+def _flash_graphs(arch, cfg, weights, spec, context, accuracy_level, folder, graph_file) -> dict:
+    """The decoder cut at its MLPs (converters/flash_graphs.py), for running with the FFN in the store."""
+    from ondevice.converters import flash_graphs
+
+    graphs = flash_graphs.build_flash_graphs(arch, cfg, weights, spec, context, accuracy_level)
+    files, shared = flash_graphs.save_flash_graphs(graphs, folder, graph_file)
+    return {"embed": files["embed"], "head": files["head"], "shared_weight_bytes": shared,
+            "layers": [files[f"layer.{i}"] for i in range(cfg.num_layers)]}
 
 
 def _split_prefill(arch, cfg, weights, spec, context, chunk, accuracy_level, folder, graph_file, data_file) -> dict:

@@ -158,6 +158,9 @@ def _referenced_files(manifest: dict) -> list[str]:
         if isinstance(split, dict):  # converters/split_prefill.py: one graph per role, two per layer
             names += [(split.get(role) or {}).get("graph") for role in ("embed", "attention", "head")]
             names += [f for layer in split.get("layers") or [] if isinstance(layer, dict) for f in layer.values()]
+        layered = backend.get("flash_graphs")
+        if isinstance(layered, dict):  # converters/flash_graphs.py: embed, one graph per layer, head
+            names += [layered.get("embed"), layered.get("head"), *(layered.get("layers") or [])]
         extra = backend.get("prefill_int8") if isinstance(backend, dict) else None
         if isinstance(extra, dict):  # the optional int8 prefill graph
             names += [extra.get("graph"), extra.get("data")]

@@ -88,6 +88,7 @@ class OnnxBackend:
         self.static_shapes = False  # chunks' attention spans the whole cache: identical shapes every call
         self._chunk_bias: np.ndarray | None = None
         self.split_prefill = None  # set: prompts prefill through the split graphs (runtimes/split_prefill.py)
+        self.flash_layers = None  # set: every step runs layer by layer, the MLPs outside (runtimes/flash_layers.py)
         self.int8_session: ort.InferenceSession | None = None  # set by use_int8_prefill: chunks run on it
         self._int8: ort.IOBinding | None = None
         self.capacity = 0
@@ -231,6 +232,8 @@ class OnnxBackend:
         positions [T] (default: the slots' own positions) and bias [T, past_len + T] (added to the
         attention scores; default zeros; the graph applies causality by slot on top) let T tree nodes
         be verified at once: a node's position is its depth, its bias row -inf off its ancestors."""
+        if self.flash_layers is not None:
+            return self.flash_layers.run(token_ids, past_len, positions, bias, all_logits)
         t = len(token_ids)
         total = past_len + t
         self.ensure_capacity(total)
@@ -264,6 +267,8 @@ class OnnxBackend:
     def decode_one(self, token_id: int, past_len: int) -> np.ndarray:
         """One token at position past_len; returns a view of the logits buffer [1, vocab]
         (overwritten by the next step)."""
+        if self.flash_layers is not None:
+            return self.flash_layers.run([token_id], past_len, all_logits=False)
         self.ensure_capacity(past_len + 1)
         self._ids[0, 0] = token_id
         self._seqlens[0] = past_len
