@@ -34,6 +34,8 @@ class FlashLayers:
         opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
         opts.intra_op_num_threads = threads or min(os.cpu_count() or 1, 4)
         opts.inter_op_num_threads = 1
+        # the MLP runs between the graphs (numpy's BLAS threads): ORT's threads must not spin meanwhile
+        opts.add_session_config_entry("session.intra_op.allow_spinning", "0")
 
         def session(name: str) -> ort.InferenceSession:
             try:
