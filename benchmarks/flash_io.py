@@ -7,7 +7,8 @@ bytes read per token (pages read, including the gaps read along) and ms per toke
 
 - "one record per read": every neuron record its own read (no coalescing; 2 records in one page
   are two reads of that page);
-- "coalesced": neighbouring records (gap <= 8 KiB) in one read of up to 256 KiB;
+- "coalesced, gap G": records at most G bytes apart in one read of up to 256 KiB (the gap is read
+  along: worth it while reading G bytes takes less than issuing another read);
 - "whole layer": every record of each layer in reads of up to 256 KiB (the naive baseline's I/O).
 
 with 1, 4 and 16 reads in flight. O_DIRECT bypasses the page cache: every byte comes from storage
@@ -82,14 +83,21 @@ def run_direct(path, entry, fraction, tokens, inflight, max_read, max_gap, rng) 
             "useful_MB_per_token": sum(x["records"] for x in toks) * entry["record_payload"] / tokens / 1e6}
 
 
+def read_bytes() -> int:
+    """Bytes this process made the kernel fetch from storage (/proc/self/io read_bytes)."""
+    with open("/proc/self/io") as f:
+        return int(next(line for line in f if line.startswith("read_bytes")).split()[1])
+
+
 def run_mmap_cold(path, entry, fraction, tokens, rng) -> dict:
     layers, n_ff, rec = entry["num_layers"], entry["intermediate_size"], entry["record_size"]
-    total, how = 0.0, ""
+    total, how, fetched = 0.0, "", 0
     with open(path, "rb") as f:
         m = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ)
         raw = np.frombuffer(m, np.uint8)
         for _ in range(tokens):
             how = drop_cache(path)
+            before = read_bytes()
             t = time.perf_counter()
             for layer in range(layers):
                 ids = np.arange(n_ff) if fraction >= 1 else np.sort(rng.choice(n_ff, int(fraction * n_ff), replace=False))
@@ -97,9 +105,10 @@ def run_mmap_cold(path, entry, fraction, tokens, rng) -> dict:
                 idx = (start + ids * rec)[:, None] + np.arange(rec)
                 raw[idx].sum()  # touch every byte of the records
             total += time.perf_counter() - t
+            fetched += read_bytes() - before
         del raw
         m.close()
-    return {"ms_per_token": 1e3 * total / tokens, "cache": how}
+    return {"ms_per_token": 1e3 * total / tokens, "MB_per_token": fetched / tokens / 1e6, "cache": how}
 
 
 def raw_qd1_4k(path, n=4000) -> float:
@@ -125,6 +134,8 @@ def main(argv=None) -> int:
     ap.add_argument("--tokens", type=int, default=6)
     ap.add_argument("--fractions", type=float, nargs="+", default=[0.25, 0.5, 1.0])
     ap.add_argument("--inflight", type=int, nargs="+", default=[1, 4, 16])
+    ap.add_argument("--gaps", type=int, nargs="+", default=[8192, 32768, 131072],
+                    help="max_gap values for the coalesced pattern (bytes read along between records)")
     ap.add_argument("--json")
     args = ap.parse_args(argv)
     rng = np.random.default_rng(0)
@@ -138,7 +149,7 @@ def main(argv=None) -> int:
             print(f"raw O_DIRECT 4 KiB random reads, one at a time, no pool: {iops:,.0f} reads/s", file=sys.stderr)
             rows.append({"encoding": "raw", "pattern": "4 KiB random qd1", "reads_per_s": iops})
         patterns = {"one record per read": dict(max_read=256 * 1024, max_gap=-1),
-                    "coalesced": dict(max_read=256 * 1024, max_gap=8192),
+                    **{f"coalesced, gap {g // 1024} KiB": dict(max_read=256 * 1024, max_gap=g) for g in args.gaps},
                     "whole layer": dict(max_read=256 * 1024, max_gap=1 << 30)}
         for name, opts in patterns.items():
             for fraction in (args.fractions if name != "whole layer" else [1.0]):
@@ -152,7 +163,8 @@ def main(argv=None) -> int:
         for fraction in args.fractions:
             r = run_mmap_cold(path, entry, fraction, max(2, args.tokens // 2), rng)
             row = {"encoding": encoding, "pattern": "mmap cold", "ffn_fraction": fraction,
-                   "ms_per_token": round(r["ms_per_token"], 2), "cache": r["cache"]}
+                   "ms_per_token": round(r["ms_per_token"], 2), "MB_per_token": round(r["MB_per_token"], 2),
+                   "cache": r["cache"]}
             rows.append(row)
             print(json.dumps(row), file=sys.stderr)
     print("| encoding | pattern | FFN/token | in flight | ms/token | MB read/token | reads/token | MB/s | reads/s |")

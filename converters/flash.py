@@ -33,7 +33,9 @@ Encodings (`encoding=`; measured with benchmarks/flash_io.py, README "Flash stor
 
 Neuron order: the records of a layer are in `order` (position -> neuron id; the manifest records it,
 "identity" when unchanged), so that neurons often active together can sit together and coalesce into
-one read. The tables stay indexed by neuron id.
+one read (`coactivation_order` makes one from calibration activity; it saved only 5-17% of the
+bytes read on SmolLM2, whose SwiGLU activity is not clustered, so the default stays identity). The
+tables stay indexed by neuron id.
 """
 
 from __future__ import annotations
@@ -185,6 +187,30 @@ def write_flash_store(weights: dict[str, Weight], num_layers: int, folder: Path,
             "tables_bytes": int(sum(t["shape"][0] * t["shape"][1] * np.dtype(t["dtype"]).itemsize
                                     for e in layers for t in e["tables"].values())),
             "layers": layers}
+
+
+def coactivation_order(active: np.ndarray) -> np.ndarray:
+    """A neuron order (position -> neuron id) from calibration activity `active` [tokens, neurons]
+    (bool: the neuron was selected for the token): start from the most often active neuron, then
+    always place next the unplaced neuron most often active together with the last one placed
+    (Jaccard similarity). Neurons that fire together then sit in neighbouring records.
+
+    Measured on SmolLM2 (top-|h| selection on half the calibration windows, evaluated on the other
+    half, runs planned with 8 KiB gaps): 5-17% fewer bytes per token than the checkpoint's order
+    (10% of the neurons: 19.7 -> 16.3 MB without a window, 9.4 -> 8.9 MB with a 5-token window;
+    25%: 39.2 -> 35.4 MB), so the converter keeps the identity order unless given one."""
+    a = np.asarray(active, np.float32)
+    co = a.T @ a
+    freq = np.diag(co).copy()
+    jaccard = co / (freq[:, None] + freq[None, :] - co + 1e-9)
+    placed = np.zeros(len(freq), bool)
+    order = [int(np.argmax(freq))]
+    placed[order[0]] = True
+    for _ in range(len(freq) - 1):
+        score = np.where(placed, -1.0, jaccard[order[-1]])
+        order.append(int(np.argmax(score)))
+        placed[order[-1]] = True
+    return np.asarray(order, np.int64)
 
 
 def resident_weight_bytes(initializers) -> tuple[int, int]:

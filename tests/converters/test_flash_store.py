@@ -11,7 +11,7 @@ from models import smollm2_gguf_path, write_tiny_llama_gguf
 from ondevice.bundle import read_bundle
 from ondevice.converters.arch import get_architecture
 from ondevice.converters.convert import convert
-from ondevice.converters.flash import FLASH_FILE, PAGE, decode_records, write_flash_store
+from ondevice.converters.flash import FLASH_FILE, PAGE, coactivation_order, decode_records, write_flash_store
 from ondevice.converters.sources import read_source
 from ondevice.errors import BundleError
 from ondevice.flash import FlashReader
@@ -154,3 +154,17 @@ def test_smollm2_q4_store_is_exact_with_1008_bytes_per_neuron(tmp_path):
     np.testing.assert_array_equal(gate, w["gate"][ids])
     np.testing.assert_array_equal(up, w["up"][ids])
     np.testing.assert_array_equal(down, w["down"][:, ids].T)
+
+
+def test_coactivation_order_puts_neurons_that_fire_together_side_by_side():
+    rng = np.random.default_rng(0)
+    n = 64
+    groups = rng.permutation(n).reshape(8, 8)  # 8 hidden clusters of 8 neurons, scattered in id order
+    active = np.zeros((400, n), bool)
+    for t in range(400):
+        active[t, groups[rng.integers(8)]] = True
+    order = coactivation_order(active)
+    assert sorted(order.tolist()) == list(range(n))
+    position = np.empty(n, int)
+    position[order] = np.arange(n)
+    assert all(np.ptp(position[g]) == 7 for g in groups)  # each cluster is one run of 8 records
