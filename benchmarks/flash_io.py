@@ -100,7 +100,9 @@ def run_mmap_cold(path, entry, fraction, tokens, rng) -> dict:
             before = read_bytes()
             t = time.perf_counter()
             for layer in range(layers):
-                ids = np.arange(n_ff) if fraction >= 1 else np.sort(rng.choice(n_ff, int(fraction * n_ff), replace=False))
+                ids = np.arange(n_ff)
+                if fraction < 1:
+                    ids = np.sort(rng.choice(n_ff, int(fraction * n_ff), replace=False))
                 start = entry["layers"][layer]["records_offset"]
                 idx = (start + ids * rec)[:, None] + np.arange(rec)
                 raw[idx].sum()  # touch every byte of the records
@@ -173,7 +175,8 @@ def main(argv=None) -> int:
         if r["encoding"] == "raw":
             continue
         print(f"| {r['encoding']} | {r['pattern']} | {r['ffn_fraction']:.0%} | {r.get('inflight', '-')} | "
-              f"{r['ms_per_token']:.1f} | {r.get('MB_per_token', float('nan')):.1f} | {r.get('reads_per_token', 0):.0f} | "
+              f"{r['ms_per_token']:.1f} | {r.get('MB_per_token', float('nan')):.1f} | "
+              f"{r.get('reads_per_token', 0):.0f} | "
               f"{r.get('MB_per_s', float('nan')):.0f} | {r.get('reads_per_s', 0):,.0f} |")
     if args.json:
         Path(args.json).write_text(json.dumps(rows, indent=1))

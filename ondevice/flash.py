@@ -78,7 +78,8 @@ class FlashReader:
     max_gap: records this many bytes apart or less are read in one go, the gap read along. Default
     32 KiB: here a read costs ~36 us of issuing (~28k reads/s with 16 in flight, through Python) and
     storage streams ~0.9 GB/s, so a gap under ~32 KB is cheaper to read than to skip
-    (benchmarks/flash_io.py: 10% of the neurons at random, 105 ms/token with 8 KiB gaps, 45 ms with 32 KiB). direct=False reads through the page cache (for comparison, and for file
+    (benchmarks/flash_io.py: 10% of the neurons at random, 105 ms/token with 8 KiB gaps, 45 ms with
+    32 KiB). direct=False reads through the page cache (for comparison, and for file
     systems without O_DIRECT, e.g. tmpfs; direct=None tries O_DIRECT and falls back).
     """
 
@@ -301,17 +302,13 @@ class NeuronWindow:
         self.misses += n_miss
         present = self.slot_of[uniq]
         self.last_active[present[present >= 0]] = token
-        stale = np.flatnonzero(self.last_active[:self.used] <= token - self.window_tokens)
-        for s in sorted(stale.tolist(), reverse=True):  # highest first: a moved slot is never stale-listed
-            self._evict(s)
+        self._evict(np.flatnonzero(self.last_active[:self.used] <= token - self.window_tokens))
         short = self.used + n_miss - self.capacity
         if short > 0:  # least recently active first, never one this token needs
-            keep = np.zeros(self.used, bool)
-            keep[self.slot_of[uniq[self.slot_of[uniq] >= 0]]] = True
-            victims = [int(self.neuron_of[s]) for s in np.argsort(self.last_active[:self.used], kind="stable")
-                       if not keep[s]][:short]
-            for n in victims:
-                self._evict(int(self.slot_of[n]))
+            candidates = np.ones(self.used, bool)
+            candidates[self.slot_of[uniq[self.slot_of[uniq] >= 0]]] = False
+            slots = np.flatnonzero(candidates)
+            self._evict(slots[np.argsort(self.last_active[slots], kind="stable")[:short]])
         if n_miss:
             slots = np.arange(self.used, self.used + n_miss)
             for name, arr in self.fields.items():
@@ -322,18 +319,24 @@ class NeuronWindow:
             self.used += n_miss
         return self.slot_of[ids]
 
-    def _evict(self, slot: int) -> None:
-        last = self.used - 1
-        gone = int(self.neuron_of[slot])
-        if slot != last:
-            moved = int(self.neuron_of[last])
-            for arr in self.fields.values():
-                arr[slot] = arr[last]
-            self.neuron_of[slot], self.last_active[slot] = moved, self.last_active[last]
-            self.slot_of[moved] = slot
-        self.slot_of[gone] = -1
-        self.neuron_of[last] = -1
-        self.used = last
+    def _evict(self, slots: np.ndarray) -> None:
+        """Free `slots`: the resident neurons in the last len(slots) slots move into the freed places
+        below (swap-delete, one copy per field for the whole batch), so slots [0, used) stay dense."""
+        if len(slots) == 0:
+            return
+        gone = np.unique(slots)
+        used = self.used - len(gone)
+        holes = gone[gone < used]
+        tail = np.ones(self.used - used, bool)
+        tail[gone[gone >= used] - used] = False
+        movers = np.flatnonzero(tail) + used  # as many as holes
+        self.slot_of[self.neuron_of[gone]] = -1
+        for arr in self.fields.values():
+            arr[holes] = arr[movers]
+        self.neuron_of[holes], self.last_active[holes] = self.neuron_of[movers], self.last_active[movers]
+        self.slot_of[self.neuron_of[holes]] = holes
+        self.neuron_of[used:self.used] = -1
+        self.used = used
 
 
 @dataclass
