@@ -118,6 +118,7 @@ def main() -> None:
     ap.add_argument("--fractions", type=float, nargs="+", default=[0.1, 0.25, 0.5, 0.75, 1.0])
     ap.add_argument("--methods", nargs="+", default=["oracle", "h-thresh", "gate", "predictor"])
     ap.add_argument("--no-greedy", action="store_true")
+    ap.add_argument("--save", help="also write the predictors and thresholds to this folder (sparsity.save_predictors)")
     args = ap.parse_args()
     weights, cfg, ckpt = load(args.source)
     ids, _ = calibrate.token_counts(ckpt.tokenizer_json, calibrate.calibration_text())
@@ -127,6 +128,8 @@ def main() -> None:
     started = time.perf_counter()
     calib = sp.calibrate_predictors(weights, cfg, calib_ids, args.rank,
                                     fractions=[f for f in args.fractions if f < 1])
+    if args.save:
+        sp.save_predictors(args.save, calib)
     ffn = [sp.ffn_weights(weights, i) for i in range(cfg.num_layers)]
     rec = np.array([layer["recall"] for layer in calib["layers"]])
     pred_params = sum(layer["a"].size + layer["b"].size + layer["c"].size for layer in calib["layers"])
@@ -134,7 +137,7 @@ def main() -> None:
     print(f"calibration: {calib_ids.size} tokens, predictors + thresholds in {time.perf_counter() - started:.0f} s; "
           f"predictor rank {args.rank}: {pred_params / 1e6:.2f} M parameters ({100 * pred_params / ffn_params:.1f}% "
           f"of the FFN's {ffn_params / 1e6:.1f} M; {2 * pred_params / 1e6:.1f} MB at fp16), recall of the top "
-          f"{calib['target']:.0%} on calibration tokens {rec.mean():.3f} (layers {rec.min():.3f}-{rec.max():.3f})")
+          f"{calib['target']:.0%} on calibration tokens {rec.mean():.3f} (layers {rec.min():.3f}-{rec.max():.3f})", flush=True)
 
     from tokenizers import Tokenizer
     tok = Tokenizer.from_str(ckpt.tokenizer_json)

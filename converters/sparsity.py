@@ -39,6 +39,8 @@ PREDICTOR_TARGET = 0.25  # fraction of neurons labelled "active" (the token's to
 PREDICTOR_FILE = "ffn_predictors.bin"
 PREDICTOR_JSON = "ffn_predictors.json"
 FORMAT_VERSION = 1
+CALIBRATION_WINDOW = 256
+CALIBRATION_TOKENS = 2048  # the first half of the shipped text: the second half stays held out
 
 
 def _w(weights, i: int, name: str) -> np.ndarray:
@@ -216,6 +218,22 @@ def calibrate_predictors(weights, cfg, ids: np.ndarray, rank: int = PREDICTOR_RA
                            gate_thresholds=np.array([thresholds_for(gs, f) for f in fractions], np.float32),
                            recall=r, precision=p))
     return {"rank": rank, "target": target, "fractions": list(fractions), "layers": layers}
+
+
+def for_bundle(folder: str | Path, weights, cfg, tokenizer_json: str, rank: int = PREDICTOR_RANK,
+               tokens: int = CALIBRATION_TOKENS, epochs: int = 30) -> dict:
+    """What the converter calls to ship neuron selection in a bundle: calibrate on the first
+    `tokens` tokens of the shipped calibration text (windows of CALIBRATION_WINDOW), write the two
+    files into folder, return their manifest entry (file names, bytes, sha256, rank, fractions,
+    mean predictor recall). Cost: a dense numpy forward plus a few seconds of training per layer."""
+    ids, _ = calibrate.token_counts(tokenizer_json, calibrate.calibration_text())
+    calib = calibrate_predictors(weights, cfg, calibrate.windows(ids[:tokens], CALIBRATION_WINDOW, tokens),
+                                 rank, epochs=epochs)
+    save_predictors(folder, calib)
+    meta = json.loads((Path(folder) / PREDICTOR_JSON).read_text())
+    return {"file": PREDICTOR_FILE, "description": PREDICTOR_JSON, "bytes": meta["bytes"], "sha256": meta["sha256"],
+            "rank": rank, "target": calib["target"], "fractions": calib["fractions"],
+            "recall": float(np.mean([layer["recall"] for layer in calib["layers"]]))}
 
 
 # --- storage: one raw float32 file and its JSON description ------------------------------------------

@@ -131,3 +131,13 @@ def test_saved_predictors_load_back_identically_and_a_corrupt_file_is_refused(ti
     bin_path.write_bytes(bytes(data))
     with pytest.raises(ValueError, match="sha256"):
         sp.load_predictors(tmp_path)
+
+
+def test_for_bundle_writes_the_files_its_manifest_entry_describes(tiny, tmp_path):
+    from models import tiny_tokenizer
+
+    weights, cfg, _ = tiny
+    entry = sp.for_bundle(tmp_path, weights, cfg, tiny_tokenizer().to_str(), rank=4, tokens=256, epochs=2)
+    assert (tmp_path / entry["file"]).stat().st_size == entry["bytes"]
+    assert len(sp.load_predictors(tmp_path)["layers"]) == cfg.num_layers
+    assert entry["rank"] == 4 and 0 <= entry["recall"] <= 1
