@@ -79,12 +79,13 @@ class FlashReader:
     32 KiB: here a read costs ~36 us of issuing (~28k reads/s with 16 in flight, through Python) and
     storage streams ~0.9 GB/s, so a gap under ~32 KB is cheaper to read than to skip
     (benchmarks/flash_io.py: 10% of the neurons at random, 105 ms/token with 8 KiB gaps, 45 ms with
-    32 KiB). direct=False reads through the page cache (for comparison, and for file
-    systems without O_DIRECT, e.g. tmpfs; direct=None tries O_DIRECT and falls back).
+    32 KiB). direct=None (default) uses O_DIRECT where the file system supports it and reads
+    through the page cache where it does not (tmpfs); `self.direct` says which. direct=True insists
+    (an OSError otherwise), direct=False reads through the page cache (for comparison).
     """
 
     def __init__(self, path: str | os.PathLike, entry: dict, *, inflight: int = 4, max_read: int = 256 * 1024,
-                 max_gap: int = 32768, direct: bool | None = True):
+                 max_gap: int = 32768, direct: bool | None = None):
         self.path, self.entry = os.fspath(path), entry
         self.dtype = record_dtype(entry)
         self.rec = self.dtype.itemsize
@@ -354,7 +355,7 @@ class FlashWeights:
     """The flash store of a bundle under a DRAM budget: a reader, one window per layer, counters."""
 
     def __init__(self, bundle, budget_bytes: int, *, window_tokens: int = 5, inflight: int = 4,
-                 max_read: int = 256 * 1024, max_gap: int = 32768, direct: bool | None = True):
+                 max_read: int = 256 * 1024, max_gap: int = 32768, direct: bool | None = None):
         entry = bundle.manifest.get("flash")
         if not isinstance(entry, dict):
             raise FlashStoreError(f"{bundle.path}: the bundle has no flash store; convert with --flash")
@@ -401,6 +402,15 @@ class FlashWeights:
     def end_token(self) -> dict:
         self.token += 1
         return self.reader.stats.end_token()
+
+    def counters(self) -> dict:
+        """What `bench` reports: tokens, mean bytes and reads per token, window hit rate, slots per layer."""
+        toks = self.reader.stats.per_token
+        n = max(1, len(toks))
+        return {"tokens": len(toks), "bytes_read_per_token": sum(t["bytes_read"] for t in toks) / n,
+                "reads_per_token": sum(t["reads"] for t in toks) / n, "window_hit_rate": self.hit_rate,
+                "slots_per_layer": self.capacity, "dram_bytes": self.dram_bytes(), "budget_bytes": self.budget,
+                "direct_io": self.reader.direct}
 
     @property
     def hit_rate(self) -> float:
