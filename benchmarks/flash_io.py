@@ -114,6 +114,35 @@ def run_mmap_cold(path, entry, fraction, tokens, rng) -> dict:
     return {"ms_per_token": 1e3 * total / tokens, "MB_per_token": fetched / tokens / 1e6, "cache": how}
 
 
+def window_probe(bundle, tokens: int = 20, fraction: float = 0.25, reuse: float = 0.8, seed: int = 0) -> dict:
+    """FlashWeights under a budget of resident + reader buffers + half the store, 16 reads in flight:
+    each token selects `fraction` of each layer's neurons, `reuse` of them active the token before
+    (synthetic activity; real selections come from converters/sparsity.py)."""
+    from ondevice.flash import FlashWeights
+
+    e = bundle.manifest["flash"]
+    budget = e["resident_bytes"] + 2 * 16 * 256 * 1024 + e["file_bytes"] // 2
+    rng = np.random.default_rng(seed)
+    n_ff, k = e["intermediate_size"], int(fraction * e["intermediate_size"])
+    with FlashWeights(bundle, budget, window_tokens=5, inflight=16, direct=True) as fw:
+        prev = [rng.choice(n_ff, k, replace=False) for _ in range(fw.layers)]
+        t = time.perf_counter()
+        for _ in range(tokens):
+            active = []
+            for p in prev:
+                keep = rng.choice(p, int(reuse * k), replace=False)
+                active.append(np.concatenate([keep, rng.choice(np.setdiff1d(np.arange(n_ff), keep),
+                                                               k - len(keep), replace=False)]))
+            prev = active
+            fut = fw.prefetch(0, active[0])
+            for layer in range(fw.layers):
+                fw.load(layer, active[layer], fut)
+                fut = fw.prefetch(layer + 1, active[layer + 1]) if layer + 1 < fw.layers else None
+            fw.end_token()
+        ms = 1e3 * (time.perf_counter() - t) / tokens
+        return {"budget_MB": budget / 1e6, "ms_per_token": ms, **fw.counters()}
+
+
 def raw_qd1_4k(path, n=4000) -> float:
     """Plain os.preadv of random 4 KiB pages one at a time (no pool): the device's qd1 IOPS."""
     fd = os.open(path, os.O_RDONLY | os.O_DIRECT)
@@ -140,9 +169,14 @@ def main(argv=None) -> int:
     ap.add_argument("--gaps", type=int, nargs="+", default=[8192, 32768, 131072],
                     help="max_gap values for the coalesced pattern (bytes read along between records)")
     ap.add_argument("--mmap-only", action="store_true", help="only the buffered mmap baseline")
+    ap.add_argument("--window-probe", action="store_true",
+                    help="only the DRAM window under a budget of resident + half the store (q4 bundle)")
     ap.add_argument("--json")
     args = ap.parse_args(argv)
     rng = np.random.default_rng(0)
+    if args.window_probe:
+        print(json.dumps(window_probe(read_bundle(bundle_for("q4", args.bundle_q4), verify=False)), indent=1))
+        return 0
     rows = []
     for encoding, given in (("q4", args.bundle_q4), ("fp16", args.bundle_fp16)):
         bundle = read_bundle(bundle_for(encoding, given), verify=False)
