@@ -65,9 +65,9 @@ def chooser(method: str, fraction: float, calib: dict, ffn: list):
     return mask
 
 
-def forward_logits(weights, cfg, ids: np.ndarray, mask=None, record=None) -> np.ndarray:
+def forward_logits(weights, cfg, ids: np.ndarray, mask=None, record=None, last: bool = False) -> np.ndarray:
     """Logits [B, T, vocab] of the numpy forward with each layer's FFN restricted to mask(i, x, h);
-    record(i, m) sees every mask [B, T, inter]."""
+    record(i, m) sees every mask [B, T, inter]; last: the last position's logits only."""
     x = calibrate.embed(weights, np.atleast_2d(ids))
     for i in range(cfg.num_layers):
         seen = {}
@@ -85,6 +85,7 @@ def forward_logits(weights, cfg, ids: np.ndarray, mask=None, record=None) -> np.
             return h
         x = calibrate.layer_forward(x, weights, cfg, i, transform=transform)
     head = weights.get("lm_head.weight", weights["model.embed_tokens.weight"])
+    x = x[:, -1:] if last else x
     return calibrate.rms_norm(x, weights["model.norm.weight"], cfg.rms_norm_eps) @ head.T
 
 
@@ -100,7 +101,7 @@ def greedy(weights, cfg, prompt: list[int], mask) -> list[int]:
     """GREEDY tokens after the prompt (no KV cache: the whole sequence again at each step)."""
     ids = list(prompt)
     for _ in range(GREEDY):
-        ids.append(int(forward_logits(weights, cfg, np.array([ids]), mask)[0, -1].argmax()))
+        ids.append(int(forward_logits(weights, cfg, np.array([ids]), mask, last=True)[0, -1].argmax()))
     return ids[len(prompt):]
 
 
@@ -118,6 +119,7 @@ def main() -> None:
     ap.add_argument("--fractions", type=float, nargs="+", default=[0.1, 0.25, 0.5, 0.75, 1.0])
     ap.add_argument("--methods", nargs="+", default=["oracle", "h-thresh", "gate", "predictor"])
     ap.add_argument("--no-greedy", action="store_true")
+    ap.add_argument("--load", help="use the predictors and thresholds --save wrote (same source, rank, fractions)")
     ap.add_argument("--save", help="also write the predictors and thresholds to this folder (sparsity.save_predictors)")
     args = ap.parse_args()
     weights, cfg, ckpt = load(args.source)
@@ -126,8 +128,8 @@ def main() -> None:
     calib_ids = calibrate.windows(ids[:half], WINDOW, 2048)
     held_out = calibrate.windows(ids[half:], WINDOW, args.tokens)
     started = time.perf_counter()
-    calib = sp.calibrate_predictors(weights, cfg, calib_ids, args.rank,
-                                    fractions=[f for f in args.fractions if f < 1])
+    calib = sp.load_predictors(args.load) if args.load else sp.calibrate_predictors(
+        weights, cfg, calib_ids, args.rank, fractions=[f for f in args.fractions if f < 1])
     if args.save:
         sp.save_predictors(args.save, calib)
     ffn = [sp.ffn_weights(weights, i) for i in range(cfg.num_layers)]
@@ -135,7 +137,7 @@ def main() -> None:
     pred_params = sum(layer["a"].size + layer["b"].size + layer["c"].size for layer in calib["layers"])
     ffn_params = sum(w.size for f in ffn for w in f)
     print(f"calibration: {calib_ids.size} tokens, predictors + thresholds in {time.perf_counter() - started:.0f} s; "
-          f"predictor rank {args.rank}: {pred_params / 1e6:.2f} M parameters ({100 * pred_params / ffn_params:.1f}% "
+          f"predictor rank {calib['rank']}: {pred_params / 1e6:.2f} M parameters ({100 * pred_params / ffn_params:.1f}% "
           f"of the FFN's {ffn_params / 1e6:.1f} M; {2 * pred_params / 1e6:.1f} MB at fp16), recall of the top "
           f"{calib['target']:.0%} on calibration tokens {rec.mean():.3f} (layers {rec.min():.3f}-{rec.max():.3f})", flush=True)
 

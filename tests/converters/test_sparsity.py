@@ -141,3 +141,21 @@ def test_for_bundle_writes_the_files_its_manifest_entry_describes(tiny, tmp_path
     assert (tmp_path / entry["file"]).stat().st_size == entry["bytes"]
     assert len(sp.load_predictors(tmp_path)["layers"]) == cfg.num_layers
     assert entry["rank"] == 4 and 0 <= entry["recall"] <= 1
+
+
+@pytest.mark.parametrize("method", sp.METHODS)
+def test_token_neurons_are_the_mask_each_method_keeps(tiny, method):
+    weights, cfg, ids = tiny
+    calib = sp.calibrate_predictors(weights, cfg, ids, rank=4, fractions=(0.5,), epochs=2)
+    x = sp.ffn_inputs(weights, cfg, ids)[1]
+    w_gate, w_up, _ = sp.ffn_weights(weights, 1)
+    layer = calib["layers"][1]
+    scores = {"gate": sp.gate_scores(x, w_gate), "predictor": sp.predictor_scores(layer, x)}.get(
+        method, sp.oracle_scores(x, w_gate, w_up))
+    want = (sp.threshold_masks(scores, layer["h_thresholds"][0]) if method == "h-thresh"
+            else sp.select(scores, 0.5))
+    for t in range(0, len(x), 17):
+        got = sp.token_neurons(x[t], w_gate, w_up, layer, method, 0.5)
+        np.testing.assert_array_equal(got, sp.neurons(want[t]))
+    with pytest.raises(ValueError, match="method"):
+        sp.token_neurons(x[0], w_gate, method="relu")
