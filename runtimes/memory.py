@@ -3,9 +3,8 @@
 ONNX Runtime maps every external initializer of a bundle and, while prepacking the quantized
 weights into its own layout, reads all of them. The packed copies are what runs from then on;
 the source pages stay resident although most are never read again (the tied embedding table is
-read a few rows per token). `release_file_pages` asks the kernel to reclaim this process's pages
-of the bundle's files: clean file pages are dropped, and any page still needed faults back in
-from storage. `trim_heap` returns the load's freed heap (graph protos, JSON trees) to the system.
+read a few rows per token). `release_file_pages` drops this process's pages of the bundle's files;
+any page still needed faults back in (from the page cache, which keeps them). `trim_heap` returns the load's freed heap (graph protos, JSON trees) to the system.
 Elsewhere both do nothing.
 """
 
@@ -16,6 +15,7 @@ import ctypes.util
 import os
 import sys
 
+MADV_DONTNEED = 4  # unmap the pages from this process; a file's clean pages stay in the page cache
 MADV_PAGEOUT = 21  # Linux >= 5.4: reclaim now; a no-op for pages other processes also map
 
 
@@ -30,47 +30,46 @@ def _libc():
     return libc
 
 
-def file_mappings(folder: str | os.PathLike) -> list[tuple[int, int]]:
-    """(start, end) of this process's mappings of files inside folder."""
+def _mappings(folder: str | os.PathLike) -> list[tuple[int, int, int, bool]]:
+    """(start, end, resident bytes, holds private changes) of this process's mappings of files in folder."""
     prefix = os.path.realpath(folder) + os.sep
-    spans = []
-    try:
-        with open("/proc/self/maps") as maps:
-            for line in maps:
-                fields = line.split(maxsplit=5)
-                if len(fields) == 6 and fields[5].rstrip("\n").startswith(prefix):
-                    start, end = (int(x, 16) for x in fields[0].split("-"))
-                    spans.append((start, end))
-    except OSError:
-        return []
-    return spans
-
-
-def resident_bytes(folder: str | os.PathLike) -> int:
-    """How much of folder's mapped files is resident in this process (Rss of their mappings)."""
-    prefix = os.path.realpath(folder) + os.sep
-    total, inside = 0, False
+    out: list[list] = []
+    inside = False
     try:
         with open("/proc/self/smaps") as smaps:
             for line in smaps:
                 fields = line.split()
-                if "-" in fields[0] and len(fields) >= 5 and not fields[0].endswith(":"):
+                if "-" in fields[0] and not fields[0].endswith(":"):
                     inside = len(fields) == 6 and fields[5].startswith(prefix)
+                    if inside:
+                        start, end = (int(x, 16) for x in fields[0].split("-"))
+                        out.append([start, end, 0, False])
                 elif inside and fields[0] == "Rss:":
-                    total += int(fields[1]) * 1024
+                    out[-1][2] = int(fields[1]) * 1024
+                elif inside and fields[0] in ("Private_Dirty:", "Anonymous:") and int(fields[1]) > 0:
+                    out[-1][3] = True
     except OSError:
-        return 0
-    return total
+        return []
+    return [tuple(m) for m in out]
+
+
+def resident_bytes(folder: str | os.PathLike) -> int:
+    """How much of folder's mapped files is resident in this process (Rss of their mappings)."""
+    return sum(rss for _, _, rss, _ in _mappings(folder))
 
 
 def release_file_pages(folder: str | os.PathLike) -> int:
-    """Reclaim this process's resident pages of files inside folder; returns the bytes advised."""
+    """Drop this process's resident pages of files inside folder; returns the bytes advised.
+    A mapping holding no private changes is dropped from the process only (MADV_DONTNEED: the
+    page cache keeps the pages, so the next load reads them from memory, and a page needed again
+    faults back in at once); one with private changes, which DONTNEED would discard, is only
+    asked to be reclaimed (MADV_PAGEOUT)."""
     libc = _libc()
     if libc is None:
         return 0
     advised = 0
-    for start, end in file_mappings(folder):
-        if libc.madvise(start, end - start, MADV_PAGEOUT) == 0:
+    for start, end, rss, changed in _mappings(folder):
+        if rss and libc.madvise(start, end - start, MADV_PAGEOUT if changed else MADV_DONTNEED) == 0:
             advised += end - start
     return advised
 

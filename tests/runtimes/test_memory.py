@@ -46,9 +46,10 @@ def test_other_files_are_left_alone(tmp_path):
 
 @linux_only
 def test_a_loaded_smollm2_keeps_little_of_its_bundle_resident(smollm2_bundle):
+    # ORT's prepacking read all 119 MB of weights; once loaded, none of it stays in the process, and
+    # decoding brings back only what it reads from the file (scales, a few embedding rows), not the
+    # 27 MB embedding table (50 MB stay resident without the release).
     model = ondevice.load(smollm2_bundle, threads=2)
-    # ORT's prepacking read all 119 MB; what stays resident after a generation is what decoding
-    # reads from the file (scales, a few embedding rows), not the 27 MB embedding table.
+    assert resident_bytes(smollm2_bundle) < 4 << 20
     model.generate("Name a colour.", max_tokens=4, temperature=0)
-    print(f"resident {resident_bytes(smollm2_bundle) / 2**20:.1f} MB")
-    assert resident_bytes(smollm2_bundle) < 32 << 20
+    assert resident_bytes(smollm2_bundle) < 40 << 20
