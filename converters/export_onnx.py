@@ -199,3 +199,15 @@ def external_data_index(folder: Path, graph_file: str) -> dict[str, tuple[str, i
             info = {e.key: e.value for e in t.external_data}
             index[t.name] = (info["location"], int(info.get("offset", 0)), int(info["length"]))
     return index
+
+
+def save_graphs_sharing(graphs: dict[str, GraphBuilder], folder: Path, main_graph: str, prefix: str
+                        ) -> tuple[dict[str, str], int]:
+    """Write each graph as <prefix>.<role>.onnx, its weights pointing into the main graph's data file
+    where it holds the same bytes. Returns ({role: file name}, bytes shared with the main graph)."""
+    stored = external_data_index(folder, main_graph)
+    files, shared = {}, 0
+    for role, g in graphs.items():
+        files[role], n = g.save_sharing(folder, f"{prefix}.{role}", stored)
+        shared += n
+    return files, shared

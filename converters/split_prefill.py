@@ -22,7 +22,7 @@ from __future__ import annotations
 from pathlib import Path
 from types import ModuleType
 
-from ondevice.converters.export_onnx import GraphBuilder, external_data_index
+from ondevice.converters.export_onnx import GraphBuilder, save_graphs_sharing
 from ondevice.converters.quantize import QuantSpec
 from ondevice.errors import UnsupportedArchitectureError
 
@@ -76,14 +76,8 @@ def build_split_graphs(arch: ModuleType, cfg, weights: dict, spec: QuantSpec, ma
 
 
 def save_split_graphs(graphs: dict[str, GraphBuilder], folder: Path, main_graph: str) -> tuple[dict, int]:
-    """Write each graph as prefill.<role>.onnx, its weights pointing into the main graph's data file.
-    Returns ({role: file name}, bytes shared with the main graph)."""
-    stored = external_data_index(folder, main_graph)
-    files, shared = {}, 0
-    for role, g in graphs.items():
-        files[role], n = g.save_sharing(folder, f"{PREFIX}.{role}", stored)
-        shared += n
-    return files, shared
+    """Write each graph as prefill.<role>.onnx, sharing the main graph's weight bytes."""
+    return save_graphs_sharing(graphs, folder, main_graph, PREFIX)
 
 
 def manifest_entry(graphs: dict[str, GraphBuilder], files: dict[str, str], chunk: int, layers: int,
