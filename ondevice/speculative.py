@@ -352,7 +352,7 @@ class Speculator:
             self._grow_draft(tree, context, params, rng, min(depth_cap, 2) if probe else depth_cap)
             self._draft_s = time.perf_counter() - t0
             self.stats.draft_s += self._draft_s
-        self._add_lookup(tree, chain, a)
+        self._add_chain(tree, chain, [a] * len(chain), lookup=True)
         tree = self._prune(tree) if self.config.adaptive and len(tree) > 1 else tree
         if tree is None or len(tree) == 1:
             if self._draft_s and self.config.adaptive:  # drafted for nothing: one plain token for both
@@ -400,13 +400,14 @@ class Speculator:
             self.t_draft.add(time.perf_counter() - t0)
             steps += 1
 
-    def _add_chain(self, tree: TokenTree, tokens: list[int], probs: list[float]) -> None:
+    def _add_chain(self, tree: TokenTree, tokens: list[int], probs: list[float], lookup: bool = False) -> None:
+        """A chain from the root, each token kept with probability probs[k] given its parent was."""
         node, conf = 0, 1.0
         for token, p in zip(tokens, probs):
             if len(tree) - 1 >= self.max_nodes:
                 break
             conf *= p
-            node = tree.add(node, token, None, conf)
+            node = tree.add(node, token, None, conf, lookup=lookup)
 
     # -- pipeline: the draft works while the target verifies -----------------------------------------
     def start_ahead(self, tree: TokenTree, context: list[int], params: SamplingParams) -> None:
@@ -453,14 +454,6 @@ class Speculator:
         tokens, probs = future.result()
         if accepted and accepted[-1] == node and tokens[0] == after:
             self._ahead_chain = (chain + [after], tokens[1:], probs[1:])
-
-    def _add_lookup(self, tree: TokenTree, chain: list[int], a: float) -> None:
-        node, conf = 0, 1.0
-        for token in chain:
-            if len(tree) - 1 >= self.max_nodes:
-                break
-            conf *= a
-            node = tree.add(node, token, None, conf, lookup=True)
 
     def _prune(self, tree: TokenTree) -> TokenTree:
         """Keep the nodes whose confidence pays for their verification (the cost model), best first."""
