@@ -512,3 +512,14 @@ def smollm2_reference() -> LlamaForCausalLM:
     except OSError:  # e.g. another process won the race: its copy is as good
         shutil.rmtree(tmp, ignore_errors=True)
     return model
+
+
+def canonical_weights(gguf_path):
+    """A GGUF's weights under the converter's canonical names, and its config (as convert reads them)."""
+    from ondevice.converters.arch import get_architecture
+    from ondevice.converters.sources import read_source
+
+    ckpt = read_source(gguf_path)
+    arch = get_architecture(ckpt.architecture)
+    cfg = arch.config_from_gguf(ckpt.metadata, ckpt.weights)
+    return arch.canonical_from_gguf(ckpt.weights, cfg), cfg

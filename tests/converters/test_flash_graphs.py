@@ -10,23 +10,20 @@ import numpy as np
 import onnx
 import onnxruntime as ort
 import pytest
+from models import canonical_weights
 
 import ondevice
 from ondevice.converters.arch import get_architecture
 from ondevice.converters.flash_graphs import build_flash_graphs, save_flash_graphs
 from ondevice.converters.quantize import QuantSpec, dequantize
-from ondevice.converters.sources import read_source
 from ondevice.runtimes.flash_mlp import swiglu
 
 
 @pytest.fixture(scope="module")
 def flash_setup(tiny_gguf, tiny_bundle, tmp_path_factory):
     folder = Path(shutil.copytree(tiny_bundle, tmp_path_factory.mktemp("flash") / "flash.bundle"))
-    ckpt = read_source(tiny_gguf)
-    arch = get_architecture(ckpt.architecture)
-    cfg = arch.config_from_gguf(ckpt.metadata, ckpt.weights)
-    weights = arch.canonical_from_gguf(ckpt.weights, cfg)
-    graphs = build_flash_graphs(arch, cfg, weights, QuantSpec("q4"), cfg.max_context, accuracy_level=0)
+    weights, cfg = canonical_weights(tiny_gguf)
+    graphs = build_flash_graphs(get_architecture("llama"), cfg, weights, QuantSpec("q4"), cfg.max_context, accuracy_level=0)
     files, shared = save_flash_graphs(graphs, folder, "model.onnx")
     return folder, cfg, weights, files, shared
 

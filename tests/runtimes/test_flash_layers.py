@@ -5,12 +5,11 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
+from models import canonical_weights
 
 import ondevice
 from ondevice.bundle import read_bundle
-from ondevice.converters.arch import get_architecture
 from ondevice.converters.quantize import dequantize
-from ondevice.converters.sources import read_source
 from ondevice.errors import BundleError
 from ondevice.runtimes.flash_layers import FlashLayers
 from ondevice.runtimes.flash_mlp import swiglu
@@ -24,10 +23,7 @@ def flash_bundle(tiny_gguf, tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def dense_mlp(tiny_gguf):
-    ckpt = read_source(tiny_gguf)
-    arch = get_architecture(ckpt.architecture)
-    cfg = arch.config_from_gguf(ckpt.metadata, ckpt.weights)
-    weights = arch.canonical_from_gguf(ckpt.weights, cfg)
+    weights, cfg = canonical_weights(tiny_gguf)
     mats = [[dequantize(weights[f"model.layers.{i}.mlp.{n}_proj.weight"]) for n in ("gate", "up", "down")]
             for i in range(cfg.num_layers)]
     calls = []
