@@ -6,6 +6,7 @@ import hashlib
 import time
 from pathlib import Path
 
+import numpy as np
 from tokenizers import Tokenizer
 from tqdm import tqdm
 
@@ -153,11 +154,11 @@ def _convert(source, out, spec: QuantSpec, max_context, compute, force, steps, s
 
             steps.set_postfix_str("writing the flash store")
             manifest["flash"] = write_flash_store(weights, cfg.num_layers, tmp, flash)
-            resident, ffn = resident_weight_bytes(g.initializers)
+            _, ffn = resident_weight_bytes(g.initializers)
+            layered, resident = _flash_graphs(arch, cfg, weights, spec, context, accuracy_level, tmp, graph_file)
+            manifest["backends"]["onnx"]["flash_graphs"] = layered
             manifest["flash"].update(graph_resident_bytes=resident, graph_ffn_bytes=ffn,
                                      resident_bytes=resident + manifest["flash"]["tables_bytes"])
-            manifest["backends"]["onnx"]["flash_graphs"] = _flash_graphs(arch, cfg, weights, spec, context,
-                                                                         accuracy_level, tmp, graph_file)
         if draft is not None:
             manifest["draft"] = {"target": target, "source_layers": source_layers,
                                  "layers_kept": draft.layers_kept, "layer_scores": draft.layer_scores,
@@ -172,14 +173,17 @@ def _convert(source, out, spec: QuantSpec, max_context, compute, force, steps, s
     return Path(out)
 
 
-def _flash_graphs(arch, cfg, weights, spec, context, accuracy_level, folder, graph_file) -> dict:
-    """The decoder cut at its MLPs (converters/flash_graphs.py), for running with the FFN in the store."""
+def _flash_graphs(arch, cfg, weights, spec, context, accuracy_level, folder, graph_file) -> tuple[dict, int]:
+    """The decoder cut at its MLPs (converters/flash_graphs.py), for running with the FFN in the store;
+    and the bytes of their weights (the resident part: all but the FFN's up and down projections)."""
     from ondevice.converters import flash_graphs
 
     graphs = flash_graphs.build_flash_graphs(arch, cfg, weights, spec, context, accuracy_level)
+    sizes = {t.name: len(t.raw_data) if t.raw_data else int(np.prod(t.dims or [1])) * 4
+             for g in graphs.values() for t in g.initializers}  # before saving moves the bytes out
     files, shared = flash_graphs.save_flash_graphs(graphs, folder, graph_file)
-    return {"embed": files["embed"], "head": files["head"], "shared_weight_bytes": shared,
-            "layers": [files[f"layer.{i}"] for i in range(cfg.num_layers)]}
+    return ({"embed": files["embed"], "head": files["head"], "shared_weight_bytes": shared,
+             "layers": [files[f"layer.{i}"] for i in range(cfg.num_layers)]}, sum(sizes.values()))
 
 
 def _split_prefill(arch, cfg, weights, spec, context, chunk, accuracy_level, folder, graph_file, data_file) -> dict:

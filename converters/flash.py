@@ -129,19 +129,15 @@ def layer_records(gate: Weight, up: Weight, down: Weight, encoding: str) -> tupl
 
 def decode_records(rec: np.ndarray, ids: np.ndarray, tables: dict[str, np.ndarray], encoding: str
                    ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """Records of neurons `ids` -> float32 gate rows, up rows [n, hidden] and down columns [n, hidden]."""
-    if encoding == "fp16":
-        return (rec["gate"].astype(np.float32), rec["up"].astype(np.float32), rec["down"].astype(np.float32))
-    out = []
-    for name in ("gate", "up"):
-        q = unpack(rec[f"{name}_codes"]).astype(np.float32)  # [n, nb, 32]
-        w = q * rec[f"{name}_scale"].astype(np.float32)[..., None] + rec[f"{name}_min"].astype(np.float32)[..., None]
-        out.append(w.reshape(len(rec), -1))
-    groups = np.asarray(ids) // BLOCK
-    d = tables["down_scale"][:, groups].T.astype(np.float32)  # [n, hidden]
-    m = tables["down_min"][:, groups].T.astype(np.float32)
-    out.append(unpack(rec["down_codes"]).astype(np.float32) * d + m)
-    return out[0], out[1], out[2]
+    """Records of neurons `ids` -> float32 gate rows, up rows [n, hidden] and down columns [n, hidden]
+    (the runtime's decoding, ondevice.flash.decode_records, with tables as a reader returns them)."""
+    from ondevice.flash import decode_records as decode, window_dtype
+
+    hidden = rec.dtype["down" if encoding == "fp16" else "down_codes"].shape[0] * (1 if encoding == "fp16" else 2)
+    into = window_dtype({"hidden_size": hidden}, ("gate", "up", "down"), "float32")
+    rows = decode(rec, ids, {f"{k}_t": np.ascontiguousarray(v.T) for k, v in tables.items()},
+                  {"encoding": encoding, "block_size": BLOCK}, into)
+    return rows["gate"], rows["up"], rows["down"]
 
 
 def write_flash_store(weights: dict[str, Weight], num_layers: int, folder: Path, encoding: str = "q4",

@@ -5,9 +5,11 @@ each layer's MLP itself over the neurons it has in DRAM. The rest of the model r
 as one graph per layer, cut at the MLP:
 
     embed      input_ids [1, T]                         -> residual (the token rows)
-    layer.i    delta, residual, the layer's KV buffer   -> mlp_in, residual
+    layer.i    delta, residual, the layer's KV buffer   -> mlp_in, residual, gate
                (residual + delta, normed: layer i's input; QKV, attention, O projection, residual,
-               post-attention norm; delta is layer i-1's MLP output, zeros for layer 0)
+               post-attention norm; delta is layer i-1's MLP output, zeros for layer 0; gate is the
+               MLP's gate projection of mlp_in for every neuron [1, T, intermediate]: the gate rows
+               stay resident, they pick the neurons to read, ondevice/flash_mlp.py)
     head       delta, residual, logits_from             -> logits (residual + delta, final norm, LM head)
 
 so a token runs embed, then per layer: layer.i, the runtime's MLP(mlp_in) -> delta, then head.
@@ -66,6 +68,9 @@ def build_flash_graphs(arch: ModuleType, cfg, weights: dict, spec: QuantSpec, ma
                               arch.attention_inputs(g, cfg, max_context), kv_suffix="")
         mlp_in, residual = arch.output_projection(g, cfg, w, i, attn, residual)
         outputs(g, mlp_in=mlp_in, residual_out=residual)
+        gate = w.linear([f"model.layers.{i}.mlp.gate_proj.weight"], "mlp.gate")
+        g.node("Identity", [g.linear(mlp_in, gate, f"model.layers.{i}.mlp.gate_proj")], "gate")
+        g.output("gate", "float32", [1, "T", cfg.intermediate_size])
 
     g = graph("head")
     normed, _ = arch.next_layer_input(g, cfg, w, cfg.num_layers - 1, stream(g, "delta"), stream(g, "residual"))

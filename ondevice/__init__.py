@@ -26,7 +26,8 @@ __all__ = ["load", "convert", "Model", "Generation", "OndeviceError", "BundleErr
 def load(path: str | os.PathLike, *, threads: int | None = None, verify: bool = True,
          providers: list[str] | None = None, draft: str | os.PathLike | None = None,
          lookup: bool = False, prefill_chunk: int | None = None, split_prefill: bool | str = False,
-         profile: str | os.PathLike | None = None, int8_prefill: bool = False) -> Model:
+         profile: str | os.PathLike | None = None, int8_prefill: bool = False,
+         dram_budget: int | str | None = None, ffn_fraction: float | None = None) -> Model:
     """Open a bundle: check it (sha256 of every file unless verify=False) and create the session once.
 
     The checksums are computed in a thread while ONNX Runtime builds its session; the model is
@@ -40,7 +41,11 @@ def load(path: str | os.PathLike, *, threads: int | None = None, verify: bool = 
     profile: a device profile (name in profiles/, a path, or "host"): its plan picks the execution
     providers (the first available of its preference list; each fallback is logged), the prefill
     chunk and the threads, unless given here. int8_prefill: prompts prefill in fixed-size chunks through
-    the bundle's int8 graph (convert with int8_prefill=True); decoding stays on the float graph."""
+    the bundle's int8 graph (convert with int8_prefill=True); decoding stays on the float graph.
+    dram_budget: run with the FFN weights in the bundle's flash store (convert with flash=True) under
+    this DRAM budget (bytes, or a string such as "70MB"): the resident weights plus a window of
+    recently used FFN neurons, the rest read from storage per token (runtimes/flash_mlp.py).
+    ffn_fraction: the share of FFN neurons each token keeps there (default 0.8, measured; 1.0 = all)."""
     from concurrent.futures import ThreadPoolExecutor
 
     from ondevice.bundle import read_bundle, verify_checksums
@@ -63,7 +68,10 @@ def load(path: str | os.PathLike, *, threads: int | None = None, verify: bool = 
         checked = pool.submit(verify_checksums, bundle) if verify else None
         tokenizer = pool.submit(load_tokenizer, bundle.path)
         try:
-            backend = OnnxBackend(bundle, threads=threads, providers=providers, threading=threading)
+            backend = OnnxBackend(bundle, threads=threads, providers=providers, threading=threading,
+                                  main_graph=dram_budget is None)
+            if dram_budget is not None:
+                backend.flash_layers = _flash_layers(bundle, backend, dram_budget, ffn_fraction, threads, providers)
         finally:
             if checked is not None:
                 checked.result()  # raises BundleError on a mismatch, before anything runs
@@ -85,6 +93,39 @@ def load(path: str | os.PathLike, *, threads: int | None = None, verify: bool = 
         model.speculator = _speculator(model, draft, lookup, threads, verify, threading)
     model.load_s = time.perf_counter() - started
     return model
+
+
+def parse_bytes(size: int | str) -> int:
+    """A size in bytes from an int or a string such as "70MB", "1.5GB", "512MiB" (MB = 10^6 bytes)."""
+    if isinstance(size, (int, float)):
+        return int(size)
+    text = str(size).strip().upper().replace(" ", "")
+    units = {"KIB": 1 << 10, "MIB": 1 << 20, "GIB": 1 << 30, "KB": 10**3, "MB": 10**6, "GB": 10**9, "B": 1}
+    for unit, scale in units.items():
+        if text.endswith(unit):
+            text, factor = text[:-len(unit)], scale
+            break
+    else:
+        factor = 1
+    try:
+        return int(float(text) * factor)
+    except ValueError:
+        raise ValueError(f"cannot read {size!r} as a size: give bytes or a number with KB/MB/GB/MiB") from None
+
+
+def _flash_layers(bundle, backend, dram_budget, ffn_fraction, threads, providers):
+    from ondevice.runtimes.flash_layers import FlashLayers
+    from ondevice.runtimes.flash_mlp import DEFAULT_FRACTION, FlashMlp
+
+    if not isinstance(bundle.manifest.get("flash"), dict):
+        raise BundleError(f"{bundle.path}: a DRAM budget needs the FFN in a flash store; convert with --flash")
+    mlp = FlashMlp(bundle, parse_bytes(dram_budget),
+                   fraction=DEFAULT_FRACTION if ffn_fraction is None else ffn_fraction)
+    try:
+        return FlashLayers(bundle, backend, mlp, threads=threads, providers=providers)
+    except BaseException:
+        mlp.close()
+        raise
 
 
 def _plan(profile):

@@ -18,7 +18,8 @@ def _load(args):
     return ondevice.load(args.bundle, threads=args.threads, verify=not args.no_verify,
                          prefill_chunk=getattr(args, "prefill_chunk", None), profile=getattr(args, "profile", None),
                          split_prefill=getattr(args, "split_prefill", None) or False,
-                         int8_prefill=getattr(args, "int8_prefill", False), **speculation)
+                         int8_prefill=getattr(args, "int8_prefill", False), dram_budget=args.dram_budget,
+                         ffn_fraction=args.ffn_fraction, **speculation)
 
 
 def _sampling(args) -> dict:
@@ -116,7 +117,8 @@ def cmd_bench(args) -> int:
     model = _load(args)
     results = benchmark(model, prompt_lengths=args.prompt_lengths, decode_tokens=args.decode_tokens,
                         repeats=args.repeat,
-                        load=lambda: ondevice.load(args.bundle, threads=args.threads, verify=not args.no_verify))
+                        load=lambda: ondevice.load(args.bundle, threads=args.threads, verify=not args.no_verify,
+                                                   dram_budget=args.dram_budget, ffn_fraction=args.ffn_fraction))
     if args.json:
         print(json.dumps(results))
     else:
@@ -146,6 +148,13 @@ def format_bench(r: dict) -> str:
         chunk = f", prefill in chunks of {r['prefill_chunk']}" if r.get("prefill_chunk") else ""
         chunk += " (int8 graph)" if r.get("int8_prefill") else ""
         lines.append(f"ran on          {', '.join(r['providers'])}{chunk}")
+    if r.get("flash"):
+        f = r["flash"]
+        lines.append(f"flash FFN       budget {f['budget_bytes'] / 1e6:.0f} MB (in use {f['dram_bytes'] / 1e6:.0f}), "
+                     f"{f['neurons_per_token']} neurons/token/layer of which {f['slots_per_layer']} fit the window; "
+                     f"decode reads {f['decode_bytes_per_token'] / 1e6:.2f} MB in {f['decode_reads_per_token']:.0f} "
+                     f"reads per token, window hit rate {100 * f['window_hit_rate']:.1f}%, I/O wait "
+                     f"{100 * f['io_wait_share']:.0f}% of decode time" + ("" if f["direct_io"] else " (page cache)"))
     if r.get("node_placement"):
         lines.append("graph nodes     " + ", ".join(f"{n} on {p}" for p, n in r["node_placement"].items()))
     for kind, v in r.get("speculative", {}).items():
@@ -305,6 +314,11 @@ def build_parser() -> argparse.ArgumentParser:
         sp.add_argument("--int8-prefill", action="store_true",
                         help="prefill in fixed-size chunks through the bundle's int8 graph (convert --int8-prefill); "
                              "decode stays on the float graph")
+        sp.add_argument("--dram-budget", default=None, metavar="SIZE",
+                        help="keep the FFN weights in the bundle's flash store (convert --flash) and hold at most "
+                             "SIZE in DRAM (e.g. 150MB): resident weights plus a window of recent FFN neurons")
+        sp.add_argument("--ffn-fraction", type=float, default=None, metavar="F",
+                        help="with --dram-budget: the share of FFN neurons each token uses (default 0.8; 1 = all)")
         sp.add_argument("--split-prefill", nargs="?", const="out-of-order", default=None,
                         choices=["out-of-order", "in-order"],
                         help="prefill through the bundle's split graphs (convert --split-prefill): linear "

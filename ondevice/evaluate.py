@@ -83,11 +83,17 @@ def benchmark(model: Model, prompt_lengths=(128, 512, 1024), decode_tokens: int 
     ttft, decode = [], []
     ids = bench_prompt(model, min(128, model.max_context - decode_tokens - 1))
     speculator, model.speculator = model.speculator, None  # the plain figures first
+    flash = getattr(getattr(model.backend, "flash_layers", None), "mlp", None)
+    io_wait = flash.weights.io_wait_s if flash is not None else 0.0
+    decode_s = 0.0
     for _ in range(repeats):
         model.reset()
         g = model.generate(ids, max_tokens=decode_tokens, temperature=0.0, ignore_eos=True)
         ttft.append(g.ttft_s)
         decode.append(g.decode_tok_s)
+        decode_s += g.decode_s
+    if flash is not None:  # the decode runs' counters (the prompts stream past the window)
+        results["flash"] = dict(flash.counters(), io_wait_share=(flash.weights.io_wait_s - io_wait) / decode_s)
     model.reset()
     model.speculator = speculator
     results["ttft_s"] = _summary(ttft)

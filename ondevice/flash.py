@@ -32,6 +32,7 @@ from __future__ import annotations
 import mmap
 import os
 import threading
+import time
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 
@@ -85,7 +86,7 @@ class FlashReader:
     """
 
     def __init__(self, path: str | os.PathLike, entry: dict, *, inflight: int = 4, max_read: int = 256 * 1024,
-                 max_gap: int = 32768, direct: bool | None = None):
+                 max_gap: int = 32768, direct: bool | None = None, use_mmap: bool = False):
         self.path, self.entry = os.fspath(path), entry
         self.dtype = record_dtype(entry)
         self.rec = self.dtype.itemsize
@@ -115,6 +116,9 @@ class FlashReader:
             pos[order] = np.arange(n_ff)
             self.positions.append(pos)
         self.stats = IOStats()
+        # use_mmap=True (a baseline for benchmarks): records come from a memory map of the store, through
+        # the page cache, and its pages count in this process's RSS once touched
+        self.mapped = np.memmap(self.path, self.dtype, "r", 0, (size // self.rec,)) if use_mmap else None
         self._lock = threading.Lock()
         self._local = threading.local()
         self._buffers: list[mmap.mmap] = []
@@ -142,6 +146,13 @@ class FlashReader:
     def submit(self, layer: int, ids) -> Future:
         """Start reading; the future's result is what `read` returns."""
         ids = np.asarray(ids, np.int64).reshape(-1)
+        if self.mapped is not None:  # the mmap baseline: page faults (and the kernel's readahead) read
+            done = Future()
+            base = int(self.entry["layers"][layer]["records_offset"]) // self.rec
+            done.set_result(self.mapped[base + self.positions[layer][ids]])
+            with self._lock:
+                self.stats.records += len(ids)
+            return done
         out = np.empty(len(ids), self.dtype)
         runs = self.plan(layer, ids)
         # One task per thread, each reading its share of the runs one after the other (a task per
@@ -276,6 +287,7 @@ class NeuronWindow:
         self.neuron_of = np.full(capacity, -1, np.int64)
         self.last_active = np.zeros(capacity, np.int64)
         self.slot_of = np.full(n_neurons, -1, np.int64)
+        self._seen = np.zeros(n_neurons, bool)
         self.used = 0
         self.hits = self.misses = 0
 
@@ -284,7 +296,7 @@ class NeuronWindow:
         return sum(a.nbytes for a in self.fields.values())
 
     def missing(self, ids: np.ndarray) -> np.ndarray:
-        ids = np.unique(np.asarray(ids, np.int64))
+        ids = self._unique(ids)
         return ids[self.slot_of[ids] < 0]
 
     def update(self, ids, token: int, records: np.ndarray | None, missing: np.ndarray | None = None) -> np.ndarray:
@@ -292,7 +304,7 @@ class NeuronWindow:
         (then least recently active ones, if room is still short), put `records` (of `missing`, as
         returned by `missing(ids)`) into free slots; returns the slots of `ids`, in their order."""
         ids = np.asarray(ids, np.int64).reshape(-1)
-        uniq = np.unique(ids)
+        uniq = self._unique(ids)
         if len(uniq) > self.capacity:
             raise BudgetTooSmallError(f"a token needs {len(uniq)} neurons in this layer but the window holds "
                                       f"{self.capacity}: raise the DRAM budget or select fewer neurons")
@@ -320,6 +332,13 @@ class NeuronWindow:
             self.used += n_miss
         return self.slot_of[ids]
 
+    def _unique(self, ids) -> np.ndarray:
+        """Sorted distinct ids (a mark per neuron: O(neurons), several times faster than np.unique here)."""
+        self._seen[np.asarray(ids, np.int64)] = True
+        out = np.flatnonzero(self._seen)
+        self._seen[out] = False
+        return out
+
     def _evict(self, slots: np.ndarray) -> None:
         """Free `slots`: the resident neurons in the last len(slots) slots move into the freed places
         below (swap-delete, one copy per field for the whole batch), so slots [0, used) stay dense."""
@@ -342,38 +361,86 @@ class NeuronWindow:
 
 @dataclass
 class LayerView:
-    """What the FFN of one layer computes with: window fields [capacity, ...] (slots [0, used) valid)
-    and the slots of this token's active neurons; `tables` are the layer's resident tables."""
+    """What the FFN of one layer computes with: window fields [capacity, ...] (slots [0, used) valid),
+    the neuron id in each slot (`neurons` [used]) and the slots of the ids asked for; `tables` are the
+    layer's resident tables."""
 
     fields: dict[str, np.ndarray]
     used: int
     active_slots: np.ndarray
     tables: dict[str, np.ndarray]
+    neurons: np.ndarray
+
+
+def window_dtype(entry: dict, fields=("gate", "up", "down"), dtype: str = "float16") -> np.dtype:
+    """A window slot that holds neurons decoded to `dtype`: one row of hidden values per field."""
+    return np.dtype([(f, dtype, (int(entry["hidden_size"]),)) for f in fields])
+
+
+def decode_records(records: np.ndarray, ids: np.ndarray, tables: dict[str, np.ndarray], entry: dict,
+                   into: np.dtype) -> dict[str, np.ndarray]:
+    """Records of neurons `ids` -> {field: rows [n, hidden]} in `into`'s fields and dtype
+    (window_dtype): w = d*q + m per 4-bit block, computed in float32; fp16 records as they are.
+    (Contiguous arrays per field: writing float16 into a structured array's field is 4x slower.)"""
+    if entry["encoding"] == "fp16":
+        return {name: records[name].astype(into[name].base) for name in into.names}
+    n, block, out = len(records), int(entry["block_size"]), {}
+    for name in into.names:
+        if name == "down":  # one code per block of `block` neurons; the blocks' d, m are resident
+            q = _nibbles(records["down_codes"])
+            groups = np.asarray(ids, np.int64) // block
+            d, m = tables["down_scale_t"][groups].astype(np.float32), tables["down_min_t"][groups].astype(np.float32)
+        else:
+            q = _nibbles(records[f"{name}_codes"])
+            d = records[f"{name}_scale"].astype(np.float32)[..., None]
+            m = records[f"{name}_min"].astype(np.float32)[..., None]
+        q *= d
+        q += m
+        out[name] = q.reshape(n, -1).astype(into[name].base)
+    return out
+
+
+def _nibbles(packed: np.ndarray) -> np.ndarray:
+    """[..., K/2] bytes -> [..., K] float32 codes, element 2j from the low nibble."""
+    q = np.empty(packed.shape[:-1] + (2 * packed.shape[-1],), np.float32)
+    np.bitwise_and(packed, 0x0F, out=q[..., 0::2], casting="unsafe")
+    np.right_shift(packed, 4, out=q[..., 1::2], casting="unsafe")
+    return q
 
 
 class FlashWeights:
     """The flash store of a bundle under a DRAM budget: a reader, one window per layer, counters."""
 
     def __init__(self, bundle, budget_bytes: int, *, window_tokens: int = 5, inflight: int = 4,
-                 max_read: int = 256 * 1024, max_gap: int = 32768, direct: bool | None = None):
+                 max_read: int = 256 * 1024, max_gap: int = 32768, direct: bool | None = None,
+                 decode_to: np.dtype | None = None, decoder=None, use_mmap: bool = False):
+        """decode_to: slots hold the neurons decoded to this window_dtype (what the MLP computes with),
+        the budget counting their size; None: slots hold the records as read. decoder(records, ids,
+        tables) -> {field: rows} does the decoding (default: `decode_records`)."""
         entry = bundle.manifest.get("flash")
         if not isinstance(entry, dict):
             raise FlashStoreError(f"{bundle.path}: the bundle has no flash store; convert with --flash")
         self.entry = entry
         self.reader = FlashReader(bundle.file(entry["file"]), entry, inflight=inflight, max_read=max_read,
-                                  max_gap=max_gap, direct=direct)
+                                  max_gap=max_gap, direct=direct, use_mmap=use_mmap)
         try:
             self.layers, n_ff = int(entry["num_layers"]), int(entry["intermediate_size"])
             self.budget = int(budget_bytes)
-            self.capacity = capacity_for_budget(entry, self.budget, self.reader.staging_bytes)
+            self.decode_to = decode_to
+            self.decoder = decoder or (lambda rec, ids, tables: decode_records(rec, ids, tables, entry, decode_to))
+            slot = self.reader.dtype if decode_to is None else decode_to
+            self.capacity = capacity_for_budget(entry, self.budget, self.reader.staging_bytes,
+                                                None if decode_to is None else decode_to.itemsize)
             self.tables = [self.reader.tables(i) for i in range(self.layers)]
+            if decode_to is not None and entry["encoding"] == "q4":  # rows by block: a gather per neuron
+                self.tables = [{f"{k}_t": np.ascontiguousarray(v.T) for k, v in t.items()} for t in self.tables]
             self.reader.stats.start_token()
-            self.windows = [NeuronWindow(self.reader.dtype, self.capacity, n_ff, window_tokens)
-                            for _ in range(self.layers)]
+            self.windows = [NeuronWindow(slot, self.capacity, n_ff, window_tokens) for _ in range(self.layers)]
         except BaseException:
             self.reader.close()
             raise
         self.token = 0
+        self.io_wait_s = self.decode_s = 0.0  # waiting for reads; decoding what they brought
 
     def dram_bytes(self) -> int:
         """What this holds in DRAM at most: resident weights, staging, two layers of records in flight, windows."""
@@ -394,10 +461,16 @@ class FlashWeights:
     def load(self, layer: int, ids, prefetched: Future | None = None) -> LayerView:
         """Make the layer's window hold `ids` (reading what is missing, or taking a prefetch's records)."""
         fut = prefetched if prefetched is not None else self.prefetch(layer, ids)
+        started = time.perf_counter()
         records = fut.result()
-        slots = self.windows[layer].update(ids, self.token, records, fut.missing)
+        waited = time.perf_counter()
+        if self.decode_to is not None and len(fut.missing):
+            records = self.decoder(records, fut.missing, self.tables[layer])
+        self.io_wait_s += waited - started
+        self.decode_s += time.perf_counter() - waited
         w = self.windows[layer]
-        return LayerView(w.fields, w.used, slots, self.tables[layer])
+        slots = w.update(ids, self.token, records, fut.missing)
+        return LayerView(w.fields, w.used, slots, self.tables[layer], w.neuron_of[:w.used])
 
     def end_token(self) -> dict:
         self.token += 1
@@ -410,7 +483,7 @@ class FlashWeights:
         return {"tokens": len(toks), "bytes_read_per_token": sum(t["bytes_read"] for t in toks) / n,
                 "reads_per_token": sum(t["reads"] for t in toks) / n, "window_hit_rate": self.hit_rate,
                 "slots_per_layer": self.capacity, "dram_bytes": self.dram_bytes(), "budget_bytes": self.budget,
-                "direct_io": self.reader.direct}
+                "direct_io": self.reader.direct, "io_wait_s": self.io_wait_s, "decode_s": self.decode_s}
 
     @property
     def hit_rate(self) -> float:
@@ -428,12 +501,13 @@ class FlashWeights:
         self.close()
 
 
-def capacity_for_budget(entry: dict, budget_bytes: int, staging_bytes: int) -> int:
+def capacity_for_budget(entry: dict, budget_bytes: int, staging_bytes: int, slot_bytes: int | None = None) -> int:
     """Neuron slots per layer that a DRAM budget allows: (budget - resident - staging) over the layers'
-    windows plus two layers' records in flight; BudgetTooSmallError below the fixed part."""
+    windows (slots of slot_bytes, default a record's payload) plus two layers' records in flight;
+    BudgetTooSmallError below the fixed part."""
     resident = int(entry["resident_bytes"])
     fixed = resident + staging_bytes
-    slot = int(entry["record_payload"])
+    slot = int(slot_bytes or entry["record_payload"])
     layers, n_ff = int(entry["num_layers"]), int(entry["intermediate_size"])
     if budget_bytes < fixed + layers * slot + 2 * entry["record_size"]:
         raise BudgetTooSmallError(

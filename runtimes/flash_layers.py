@@ -3,7 +3,7 @@
 The flash graphs (converters/flash_graphs.py) are the decoder cut at its MLPs. A step runs the
 embed graph, then per layer its graph (input norm, attention over the backend's KV buffer, O
 projection, post-attention norm) and `mlp(layer, x)` — the caller's MLP over the neurons it holds in
-DRAM — and finally the head graph. The layer graphs read and write the backend's own KV buffers
+DRAM, given the layer's gate projection of every neuron to choose them — and finally the head graph. The layer graphs read and write the backend's own KV buffers
 (bound as past and present, as the one-shot graph does), so any mix of paths shares one cache.
 """
 
@@ -19,7 +19,7 @@ from ondevice.bundle import Bundle
 from ondevice.errors import BundleError
 from ondevice.runtimes.memory import release_file_pages
 
-Mlp = Callable[[int, np.ndarray], np.ndarray]  # (layer, x [T, hidden]) -> [T, hidden]
+Mlp = Callable[[int, np.ndarray, np.ndarray], np.ndarray]  # (layer, x [T, hidden], gate [T, inter]) -> [T, hidden]
 
 
 class FlashLayers:
@@ -29,11 +29,12 @@ class FlashLayers:
         if spec is None:
             raise BundleError(f"{bundle.path}: the bundle has no flash graphs; convert it with --flash")
         self.backend, self.mlp = backend, mlp
-        self.hidden = int(bundle.config["hidden_size"])
+        self.hidden, self.inter = int(bundle.config["hidden_size"]), int(bundle.config["intermediate_size"])
         opts = ort.SessionOptions()
         opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
         opts.intra_op_num_threads = threads or min(os.cpu_count() or 1, 4)
         opts.inter_op_num_threads = 1
+        opts.enable_cpu_mem_arena = False  # 32 sessions: an arena each would hold their peak activations
         # the MLP runs between the graphs (numpy's BLAS threads): ORT's threads must not spin meanwhile
         opts.add_session_config_entry("session.intra_op.allow_spinning", "0")
 
@@ -76,10 +77,15 @@ class FlashLayers:
                 b.bind_ortvalue_input(f"past_{io}", buf)
                 b.bind_ortvalue_output(f"present_{io}", buf)
             mlp_in, residual = np.empty((1, t, self.hidden), np.float32), np.empty((1, t, self.hidden), np.float32)
+            gate = np.empty((1, t, self.inter), np.float32)
             b.bind_ortvalue_output("mlp_in", ort.OrtValue.ortvalue_from_numpy(mlp_in))
             b.bind_ortvalue_output("residual_out", ort.OrtValue.ortvalue_from_numpy(residual))
+            b.bind_ortvalue_output("gate", ort.OrtValue.ortvalue_from_numpy(gate))
             layer.run_with_iobinding(b)
-            delta = np.asarray(self.mlp(i, mlp_in[0]), np.float32)[None]
+            delta = np.asarray(self.mlp(i, mlp_in[0], gate[0]), np.float32)[None]
         logits_from = np.array([0 if all_logits else t - 1], np.int64)
         logits = self.head.run(None, {"delta": delta, "residual": residual, "logits_from": logits_from})[0]
+        end_step = getattr(self.mlp, "end_step", None)
+        if end_step is not None:
+            end_step()
         return logits[0]

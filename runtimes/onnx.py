@@ -61,7 +61,10 @@ class OnnxBackend:
     """Runs the bundle's decoder graph over T new tokens at a time."""
 
     def __init__(self, bundle: Bundle, threads: int | None = None, providers: list | None = None,
-                 capacity: int = 256, threading: str = "spin", profile_prefix: str | None = None):
+                 capacity: int = 256, threading: str = "spin", profile_prefix: str | None = None,
+                 main_graph: bool = True):
+        """main_graph=False: no session of the one-shot graph (it holds the whole FFN); every step then
+        runs through `flash_layers`, which the caller sets (ondevice.load with a DRAM budget)."""
         spec = bundle.manifest["backends"].get("onnx")
         if spec is None:
             raise BundleError(f"{bundle.path}: the bundle has no ONNX graph")
@@ -74,15 +77,18 @@ class OnnxBackend:
         self.layers, self.kv_heads, self.head_dim = kv["layers"], kv["num_kv_heads"], kv["head_dim"]
         self.max_context = bundle.max_context
         self.vocab_size = bundle.logits_width() or int(bundle.config["vocab_size"])  # a draft's head may be trimmed
-        try:
-            self.session = ort.InferenceSession(os.fspath(bundle.file(spec["graph"])),
-                                                sess_options=session_options(threads, threading, profile_prefix),
-                                                providers=providers or ["CPUExecutionProvider"])
-        except Exception as e:  # ORT raises its own Fail/InvalidGraph types
-            raise BundleError(f"{bundle.path}: ONNX Runtime cannot load the graph: {e}") from e
-        _process["sessions"] += 1
-        release_file_pages(bundle.path)  # prepacking read every weight; the packed copies are what runs
-        self.providers: list[str] = self.session.get_providers()  # the execution providers that ran it
+        self.session: ort.InferenceSession | None = None
+        if main_graph:
+            try:
+                self.session = ort.InferenceSession(os.fspath(bundle.file(spec["graph"])),
+                                                    sess_options=session_options(threads, threading, profile_prefix),
+                                                    providers=providers or ["CPUExecutionProvider"])
+            except Exception as e:  # ORT raises its own Fail/InvalidGraph types
+                raise BundleError(f"{bundle.path}: ONNX Runtime cannot load the graph: {e}") from e
+            _process["sessions"] += 1
+            release_file_pages(bundle.path)  # prepacking read every weight; the packed copies are what runs
+        # the execution providers that ran it
+        self.providers: list[str] = self.session.get_providers() if self.session else ["CPUExecutionProvider"]
         self.requested_providers = providers
         self.chunk_size: int | None = None  # set: prefill runs in fixed-size padded chunks
         self.static_shapes = False  # chunks' attention spans the whole cache: identical shapes every call
@@ -103,13 +109,15 @@ class OnnxBackend:
         self._one = np.ones((1,), np.int32)
         self._no_bias = np.zeros((1, 1, 1, 0), np.float32)  # grown with the capacity; a view per step
         self._logits = np.zeros((1, 1, self.vocab_size), np.float32)
-        self._decode = self.session.io_binding()
-        self._prefill = self.session.io_binding()
-        for name, arr in (("input_ids", self._ids), ("seqlens_k", self._seqlens),
-                          ("total_sequence_length", self._total), ("logits_from", self._from),
-                          ("position_ids", self._pos), ("query_seqlens", self._one)):
-            self._decode.bind_ortvalue_input(name, ort.OrtValue.ortvalue_from_numpy(arr))
-        self._decode.bind_ortvalue_output("logits", ort.OrtValue.ortvalue_from_numpy(self._logits))
+        self._decode = self._prefill = None
+        if self.session is not None:
+            self._decode = self.session.io_binding()
+            self._prefill = self.session.io_binding()
+            for name, arr in (("input_ids", self._ids), ("seqlens_k", self._seqlens),
+                              ("total_sequence_length", self._total), ("logits_from", self._from),
+                              ("position_ids", self._pos), ("query_seqlens", self._one)):
+                self._decode.bind_ortvalue_input(name, ort.OrtValue.ortvalue_from_numpy(arr))
+            self._decode.bind_ortvalue_output("logits", ort.OrtValue.ortvalue_from_numpy(self._logits))
         self.ensure_capacity(min(capacity, self.max_context))
 
     def ensure_capacity(self, needed: int) -> None:
@@ -129,7 +137,7 @@ class OnnxBackend:
         self._kv = [ort.OrtValue.ortvalue_from_numpy(buf) for buf in self._kv_arrays]
         self._no_bias = np.zeros((1, 1, 1, new_cap), np.float32)
         self.capacity = new_cap
-        for binding in (self._decode, self._prefill, *([self._int8] if self._int8 else [])):
+        for binding in (b for b in (self._decode, self._prefill, self._int8) if b is not None):
             for i in range(self.layers):
                 k, v = self._kv[2 * i], self._kv[2 * i + 1]
                 binding.bind_ortvalue_input(f"past_key.{i}", k)

@@ -28,8 +28,9 @@ def dense_mlp(tiny_gguf):
             for i in range(cfg.num_layers)]
     calls = []
 
-    def mlp(layer: int, x: np.ndarray) -> np.ndarray:
+    def mlp(layer: int, x: np.ndarray, gate: np.ndarray) -> np.ndarray:
         calls.append((layer, x.shape[0]))
+        np.testing.assert_allclose(gate, x @ mats[layer][0].T, rtol=1e-3, atol=1e-3)  # the graph's gate output
         return swiglu(*mats[layer], x)
 
     mlp.calls = calls

@@ -1,0 +1,146 @@
+"""The MLP over a DRAM window of the flash store (runtimes/flash_mlp.py) computes what the model's MLP
+computes over the same neurons, whatever the window held before, and a model loaded with a DRAM budget
+generates what the in-memory engine generates when nothing is left out."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from models import canonical_weights
+
+import ondevice
+from ondevice.bundle import read_bundle
+from ondevice.converters.quantize import dequantize
+from ondevice.errors import BudgetTooSmallError, BundleError
+from ondevice.flash import capacity_for_budget, decode_records, window_dtype
+from ondevice.runtimes.flash_mlp import FlashMlp, swiglu, top_neurons
+
+BIG = 10**10  # a budget that holds every neuron
+
+
+@pytest.fixture(scope="module")
+def flash_bundle(tiny_gguf, tmp_path_factory):
+    return ondevice.convert(tiny_gguf, tmp_path_factory.mktemp("flash-mlp") / "tiny-flash.bundle", flash=True,
+                            progress=False)
+
+
+@pytest.fixture(scope="module")
+def mats(tiny_gguf):
+    weights, cfg = canonical_weights(tiny_gguf)
+    return [[dequantize(weights[f"model.layers.{i}.mlp.{n}_proj.weight"]) for n in ("gate", "up", "down")]
+            for i in range(cfg.num_layers)]
+
+
+def reference(mats, layer, x, top):
+    """The layer's MLP over each token's own neurons, the others counted as zero."""
+    gate, up, down = mats[layer]
+    return np.stack([swiglu(gate[ids], up[ids], down[:, ids], x[t:t + 1])[0] for t, ids in enumerate(top)])
+
+
+def test_the_onnx_decoder_gives_the_numpy_decoding_bit_for_bit(flash_bundle):
+    bundle = read_bundle(flash_bundle)
+    mlp = FlashMlp(bundle, BIG, fraction=1.0, dtype="float32")
+    w = mlp.weights
+    ids = np.array([0, 3, 4, 17, 31, 32, 63])
+    for layer in range(w.layers):
+        records = w.reader.read(layer, ids)
+        got = mlp._decode(records, ids, w.tables[layer])
+        want = decode_records(records, ids, w.tables[layer], w.entry, window_dtype(w.entry, ("up", "down"), "float32"))
+        for name in ("up", "down"):
+            np.testing.assert_array_equal(got[name], want[name])
+    mlp.close()
+
+
+@pytest.mark.parametrize("fraction", [1.0, 0.5, 0.25])
+def test_decoding_token_after_token_equals_the_mlp_over_each_tokens_top_neurons(flash_bundle, mats, fraction):
+    bundle = read_bundle(flash_bundle)
+    n = mats[0][0].shape[0]
+    k = max(1, round(fraction * n))
+    # room for little more than one token's neurons: the window evicts and reloads as tokens go by
+    entry = bundle.manifest["flash"]
+    slot = window_dtype(entry, ("up", "down"), "float32").itemsize
+    staging = 2 * 4 * 256 * 1024
+    budget = entry["resident_bytes"] + staging + (k + 2) * (entry["num_layers"] * slot + 2 * entry["record_size"])
+    assert capacity_for_budget(entry, budget, staging, slot) == min(n, k + 2)
+    mlp = FlashMlp(bundle, budget, fraction=fraction, dtype="float32", window_tokens=2)
+    rng = np.random.default_rng(0)
+    hidden = mats[0][0].shape[1]
+    for step in range(12):
+        for layer in range(len(mats)):
+            x = rng.standard_normal((1, hidden)).astype(np.float32)
+            gate = x @ mats[layer][0].T
+            top = top_neurons(gate, k)
+            np.testing.assert_allclose(mlp(layer, x, gate), reference(mats, layer, x, top), rtol=1e-4, atol=1e-5)
+        mlp.end_step()
+    assert mlp.weights.dram_bytes() <= budget
+    if fraction < 1.0:
+        assert 0.0 < mlp.weights.hit_rate < 1.0  # neurons came from the window and from storage
+    mlp.close()
+
+
+def test_several_tokens_stream_the_layer_and_keep_each_tokens_own_neurons(flash_bundle, mats):
+    bundle = read_bundle(flash_bundle)
+    mlp = FlashMlp(bundle, BIG, fraction=0.5, dtype="float32")
+    rng = np.random.default_rng(1)
+    x = rng.standard_normal((6, mats[0][0].shape[1])).astype(np.float32)
+    for layer in range(len(mats)):
+        gate = x @ mats[layer][0].T
+        top = top_neurons(gate, mlp.k)
+        np.testing.assert_allclose(mlp(layer, x, gate), reference(mats, layer, x, top), rtol=1e-4, atol=1e-5)
+    assert mlp.weights.windows[0].used == 0  # a prompt streams past the window
+    mlp.close()
+
+
+def test_the_naive_baseline_computes_the_same(flash_bundle, mats):
+    bundle = read_bundle(flash_bundle)
+    window, naive = FlashMlp(bundle, BIG, fraction=0.5), FlashMlp(bundle, BIG, fraction=0.5, naive=True)
+    x = np.random.default_rng(2).standard_normal((1, mats[0][0].shape[1])).astype(np.float32)
+    gate = x @ mats[1][0].T
+    np.testing.assert_allclose(window(1, x, gate), naive(1, x, gate), rtol=1e-3, atol=1e-4)
+    n = mats[1][0].shape[0]
+    assert naive.weights.reader.stats.records == n and window.weights.reader.stats.records == n // 2
+    window.close()
+    naive.close()
+
+
+@pytest.mark.parametrize("dtype", ["float32", "float16"])
+def test_with_every_neuron_generation_equals_the_in_memory_engine(flash_bundle, dtype):
+    plain = ondevice.load(flash_bundle, threads=1)
+    flash = ondevice.load(flash_bundle, threads=1, dram_budget=BIG, ffn_fraction=1.0)
+    if dtype == "float32":
+        flash.backend.flash_layers.mlp = FlashMlp(read_bundle(flash_bundle), BIG, fraction=1.0, dtype="float32")
+    assert flash.backend.session is None  # the one-shot graph (with the whole FFN) is not loaded
+    for prompt in ([5, 9, 14, 2, 77, 31, 8], list(range(3, 40))):
+        expected = plain.generate(prompt, max_tokens=24, temperature=0, ignore_eos=True).token_ids
+        assert flash.generate(prompt, max_tokens=24, temperature=0, ignore_eos=True).token_ids == expected
+        plain.reset()
+        flash.reset()
+    counters = flash.backend.flash_layers.mlp.counters()
+    assert counters["window_hit_rate"] > 0.9 and counters["tokens"] > 0
+
+
+def test_a_budget_too_small_for_the_fraction_is_a_clear_error(flash_bundle):
+    entry = read_bundle(flash_bundle).manifest["flash"]
+    per_slot = entry["num_layers"] * window_dtype(entry, ("up", "down")).itemsize + 2 * entry["record_size"]
+    half = entry["resident_bytes"] + 2 * 4 * 256 * 1024 + entry["intermediate_size"] // 2 * per_slot
+    with pytest.raises(BudgetTooSmallError, match="raise the budget or lower the fraction"):
+        ondevice.load(flash_bundle, dram_budget=half, ffn_fraction=0.75)
+    ondevice.load(flash_bundle, dram_budget=half, ffn_fraction=0.5)
+    with pytest.raises(BudgetTooSmallError, match="below what must stay resident"):
+        ondevice.load(flash_bundle, dram_budget="1MB")
+
+
+def test_a_dram_budget_needs_a_flash_store(tiny_bundle):
+    with pytest.raises(BundleError, match="--flash"):
+        ondevice.load(tiny_bundle, dram_budget="100MB")
+
+
+@pytest.mark.parametrize("text,value", [("70MB", 70_000_000), ("1.5GB", 1_500_000_000), ("64MiB", 64 << 20),
+                                        (12345, 12345), ("2048", 2048)])
+def test_budgets_read_as_sizes(text, value):
+    assert ondevice.parse_bytes(text) == value
+
+
+def test_an_unreadable_budget_is_a_clear_error():
+    with pytest.raises(ValueError, match="as a size"):
+        ondevice.parse_bytes("lots")
