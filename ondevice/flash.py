@@ -315,21 +315,27 @@ class NeuronWindow:
         self.misses += n_miss
         present = self.slot_of[uniq]
         self.last_active[present[present >= 0]] = token
-        self._evict(np.flatnonzero(self.last_active[:self.used] <= token - self.window_tokens))
-        short = self.used + n_miss - self.capacity
+        gone = np.flatnonzero(self.last_active[:self.used] <= token - self.window_tokens)
+        short = self.used - len(gone) + n_miss - self.capacity
         if short > 0:  # least recently active first, never one this token needs
             candidates = np.ones(self.used, bool)
-            candidates[self.slot_of[uniq[self.slot_of[uniq] >= 0]]] = False
+            candidates[present[present >= 0]] = False
+            candidates[gone] = False
             slots = np.flatnonzero(candidates)
-            self._evict(slots[np.argsort(self.last_active[slots], kind="stable")[:short]])
+            gone = np.union1d(gone, slots[np.argsort(self.last_active[slots], kind="stable")[:short]])
+        # The new neurons take the lowest freed slots in place; the other freed slots are deleted
+        # (swap-delete from the end); what is still missing goes after the last used slot.
+        reuse, delete = gone[:n_miss], gone[n_miss:]
+        self.slot_of[self.neuron_of[reuse]] = -1
+        self._evict(delete)
         if n_miss:
-            slots = np.arange(self.used, self.used + n_miss)
+            slots = np.concatenate([reuse, np.arange(self.used, self.used + n_miss - len(reuse))])
             for name, arr in self.fields.items():
                 arr[slots] = records[name]
             self.neuron_of[slots] = missing
             self.slot_of[missing] = slots
             self.last_active[slots] = token
-            self.used += n_miss
+            self.used += n_miss - len(reuse)
         return self.slot_of[ids]
 
     def _unique(self, ids) -> np.ndarray:
@@ -340,11 +346,11 @@ class NeuronWindow:
         return out
 
     def _evict(self, slots: np.ndarray) -> None:
-        """Free `slots`: the resident neurons in the last len(slots) slots move into the freed places
+        """Free `slots` (sorted, distinct): the resident neurons in the last len(slots) slots move into the freed places
         below (swap-delete, one copy per field for the whole batch), so slots [0, used) stay dense."""
         if len(slots) == 0:
             return
-        gone = np.unique(slots)
+        gone = slots  # sorted, distinct
         used = self.used - len(gone)
         holes = gone[gone < used]
         tail = np.ones(self.used - used, bool)
@@ -413,10 +419,11 @@ class FlashWeights:
 
     def __init__(self, bundle, budget_bytes: int, *, window_tokens: int = 5, inflight: int = 4,
                  max_read: int = 256 * 1024, max_gap: int = 32768, direct: bool | None = None,
-                 decode_to: np.dtype | None = None, decoder=None, use_mmap: bool = False):
+                 decode_to: np.dtype | None = None, decoder=None, use_mmap: bool = False, sections: int = 0):
         """decode_to: slots hold the neurons decoded to this window_dtype (what the MLP computes with),
         the budget counting their size; None: slots hold the records as read. decoder(records, ids,
-        tables) -> {field: rows} does the decoding (default: `decode_records`)."""
+        tables) -> {field: rows} does the decoding (default: `decode_records`). sections: whole layer
+        sections the caller may have in flight at once (prefetch_section), reserved in the budget."""
         entry = bundle.manifest.get("flash")
         if not isinstance(entry, dict):
             raise FlashStoreError(f"{bundle.path}: the bundle has no flash store; convert with --flash")
@@ -429,7 +436,8 @@ class FlashWeights:
             self.decode_to = decode_to
             self.decoder = decoder or (lambda rec, ids, tables: decode_records(rec, ids, tables, entry, decode_to))
             slot = self.reader.dtype if decode_to is None else decode_to
-            self.capacity = capacity_for_budget(entry, self.budget, self.reader.staging_bytes,
+            self.section_bytes = sections * int(entry["intermediate_size"]) * self.reader.rec
+            self.capacity = capacity_for_budget(entry, self.budget, self.reader.staging_bytes + self.section_bytes,
                                                 None if decode_to is None else decode_to.itemsize)
             self.tables = [self.reader.tables(i) for i in range(self.layers)]
             if decode_to is not None and entry["encoding"] == "q4":  # rows by block: a gather per neuron
@@ -446,6 +454,7 @@ class FlashWeights:
         """What this holds in DRAM at most: resident weights, staging, two layers of records in flight, windows."""
         return (int(self.entry["resident_bytes"]) - int(self.entry["tables_bytes"])
                 + sum(t.nbytes for ts in self.tables for t in ts.values()) + self.reader.staging_bytes
+                + self.section_bytes
                 + 2 * self.capacity * self.reader.rec + sum(w.nbytes for w in self.windows))
 
     def prefetch(self, layer: int, ids) -> Future:
@@ -458,18 +467,30 @@ class FlashWeights:
         fut.missing = missing
         return fut
 
+    def prefetch_section(self, layer: int) -> Future:
+        """Start reading every record of the layer (large sequential reads): what to do ahead of time
+        when a token's missing neurons are spread over most of the section anyway."""
+        fut = self.reader.submit(layer, np.arange(int(self.entry["intermediate_size"])))
+        fut.missing = None  # the whole section, in neuron id order
+        return fut
+
     def load(self, layer: int, ids, prefetched: Future | None = None) -> LayerView:
-        """Make the layer's window hold `ids` (reading what is missing, or taking a prefetch's records)."""
+        """Make the layer's window hold `ids` (reading what is missing, or taking the records from a
+        prefetch of these ids or of the whole section)."""
         fut = prefetched if prefetched is not None else self.prefetch(layer, ids)
         started = time.perf_counter()
         records = fut.result()
         waited = time.perf_counter()
-        if self.decode_to is not None and len(fut.missing):
-            records = self.decoder(records, fut.missing, self.tables[layer])
+        missing = fut.missing
+        if missing is None:
+            missing = self.windows[layer].missing(ids)
+            records = records[missing]
+        if self.decode_to is not None and len(missing):
+            records = self.decoder(records, missing, self.tables[layer])
         self.io_wait_s += waited - started
         self.decode_s += time.perf_counter() - waited
         w = self.windows[layer]
-        slots = w.update(ids, self.token, records, fut.missing)
+        slots = w.update(ids, self.token, records, missing)
         return LayerView(w.fields, w.used, slots, self.tables[layer], w.neuron_of[:w.used])
 
     def end_token(self) -> dict:
@@ -499,6 +520,13 @@ class FlashWeights:
 
     def __exit__(self, *exc):
         self.close()
+
+
+def budget_for_capacity(entry: dict, capacity: int, staging_bytes: int, slot_bytes: int | None = None) -> int:
+    """The smallest budget with `capacity` slots per layer (the inverse of capacity_for_budget)."""
+    slot = int(slot_bytes or entry["record_payload"])
+    return (int(entry["resident_bytes"]) + staging_bytes
+            + capacity * (int(entry["num_layers"]) * slot + 2 * int(entry["record_size"])))
 
 
 def capacity_for_budget(entry: dict, budget_bytes: int, staging_bytes: int, slot_bytes: int | None = None) -> int:

@@ -23,7 +23,7 @@ import onnxruntime as ort
 from onnx import TensorProto, helper
 
 from ondevice.errors import BudgetTooSmallError
-from ondevice.flash import FlashWeights, window_dtype
+from ondevice.flash import FlashWeights, budget_for_capacity, window_dtype
 
 DEFAULT_FRACTION = 0.8  # converters/sparsity.py DEFAULT_FRACTION: the measured default
 STREAM_BLOCK = 256  # neurons per read when a prompt streams a layer's FFN through (256 KiB of q4 records)
@@ -114,6 +114,16 @@ def top_neurons(gate: np.ndarray, k: int) -> np.ndarray:
     return np.argpartition(-score, k - 1, axis=1)[:, :k]
 
 
+def budget_for(entry: dict, fraction: float, dtype: str = "float16", prefetch: bool = True,
+               inflight: int = 4, max_read: int = 256 * 1024) -> int:
+    """The DRAM budget (bytes) whose window holds `fraction` of each layer's neurons (FlashMlp's
+    slots, the reader's buffers with its defaults, the sections prefetch keeps in flight)."""
+    n = int(entry["intermediate_size"])
+    staging = 2 * inflight * max_read + (2 * n * int(entry["record_size"]) if prefetch else 0)
+    return budget_for_capacity(entry, int(round(fraction * n)), staging,
+                               window_dtype(entry, ("up", "down"), dtype).itemsize)
+
+
 class FlashMlp:
     """mlp(layer, x [T, H], gate [T, N]) -> [T, H] over a DRAM window of the flash store.
 
@@ -121,11 +131,12 @@ class FlashMlp:
     fraction: share of the neurons each token keeps (1.0: all, the dense MLP); dtype: what the slots
     hold ("float16", or "float32" at twice the bytes). Baselines for benchmarks: naive=True streams
     every layer's whole FFN from storage for every token (no window); use_mmap=True reads records
-    through a memory map of the store instead of direct I/O."""
+    through a memory map of the store instead of direct I/O. prefetch: read a layer's whole section
+    while the layer before it computes, where the last token's misses were dense (see __call__)."""
 
     def __init__(self, bundle, budget_bytes: int, *, fraction: float = DEFAULT_FRACTION, window_tokens: int = 5,
                  dtype: str = "float16", threads: int | None = None, direct: bool | None = None,
-                 naive: bool = False, use_mmap: bool = False):
+                 naive: bool = False, use_mmap: bool = False, prefetch: bool = True):
         if dtype not in SLOT_DTYPES:
             raise ValueError(f"slot dtype must be one of {', '.join(SLOT_DTYPES)}, not {dtype!r}")
         if not 0.0 < fraction <= 1.0:
@@ -145,7 +156,14 @@ class FlashMlp:
             decoder, self.block = self._decode, int(entry["block_size"])
         self.weights = FlashWeights(bundle, budget_bytes, window_tokens=window_tokens, direct=direct,
                                     decode_to=window_dtype(entry, ("up", "down"), dtype), decoder=decoder,
-                                    use_mmap=use_mmap)
+                                    use_mmap=use_mmap, sections=0 if naive or not prefetch else 2)
+        n = int(entry["intermediate_size"])
+        self.dense_ids = np.arange(n)
+        # per layer: the last token's missing neurons were dense enough to prefetch the whole section
+        self.dense = np.full(self.weights.layers, prefetch and not naive)
+        self.ahead: dict = {}  # layer -> its section being read
+        self.prefetch = prefetch and not naive
+        self.gap_records = 1 + self.weights.reader.max_gap // self.weights.reader.rec
         self.naive = naive
         self.streamed: list[bool] = []  # per step: whether it streamed the layers (a prompt) or used the window
         self._streaming = False
@@ -167,9 +185,19 @@ class FlashMlp:
 
     def __call__(self, layer: int, x: np.ndarray, gate: np.ndarray) -> np.ndarray:
         top = top_neurons(gate, self.k)
+        self._streaming = len(x) > 1
         if len(x) > 1 or self.naive:
             return self._stream(layer, x, gate, top)
-        view = self.weights.load(layer, top[0])
+        w = self.weights
+        nxt = (layer + 1) % w.layers
+        if self.dense[nxt] and nxt not in self.ahead:
+            self.ahead[nxt] = w.prefetch_section(nxt)
+        misses = w.windows[layer].misses
+        view = w.load(layer, top[0], self.ahead.pop(layer, None))
+        # Missing neurons closer than the reader's gap are read along with everything between them:
+        # past that density, reading the whole section ahead of time costs the same bytes, off the
+        # critical path.
+        self.dense[layer] = self.prefetch and (w.windows[layer].misses - misses) * self.gap_records >= len(self.dense_ids)
         used = view.used
         mask = np.zeros((1, used), np.float32)
         mask[0, view.active_slots] = 1.0
@@ -180,7 +208,6 @@ class FlashMlp:
         """Several tokens (a prompt): together they use nearly every neuron, so the layer's whole store
         section streams through in blocks of STREAM_BLOCK neurons (large reads, the next block read
         while this one computes), each token masked to its own neurons; the window is left as it is."""
-        self._streaming = True
         mask = np.zeros(gate.shape, np.float32)
         np.put_along_axis(mask, top, 1.0, axis=1)
         n, reader, tables = gate.shape[1], self.weights.reader, self.weights.tables[layer]

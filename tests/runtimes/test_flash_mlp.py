@@ -12,8 +12,8 @@ import ondevice
 from ondevice.bundle import read_bundle
 from ondevice.converters.quantize import dequantize
 from ondevice.errors import BudgetTooSmallError, BundleError
-from ondevice.flash import capacity_for_budget, decode_records, window_dtype
-from ondevice.runtimes.flash_mlp import FlashMlp, swiglu, top_neurons
+from ondevice.flash import decode_records, window_dtype
+from ondevice.runtimes.flash_mlp import FlashMlp, budget_for, swiglu, top_neurons
 
 BIG = 10**10  # a budget that holds every neuron
 
@@ -58,11 +58,9 @@ def test_decoding_token_after_token_equals_the_mlp_over_each_tokens_top_neurons(
     k = max(1, round(fraction * n))
     # room for little more than one token's neurons: the window evicts and reloads as tokens go by
     entry = bundle.manifest["flash"]
-    slot = window_dtype(entry, ("up", "down"), "float32").itemsize
-    staging = 2 * 4 * 256 * 1024
-    budget = entry["resident_bytes"] + staging + (k + 2) * (entry["num_layers"] * slot + 2 * entry["record_size"])
-    assert capacity_for_budget(entry, budget, staging, slot) == min(n, k + 2)
+    budget = budget_for(entry, (k + 2) / n, "float32")
     mlp = FlashMlp(bundle, budget, fraction=fraction, dtype="float32", window_tokens=2)
+    assert mlp.weights.capacity == min(n, k + 2)
     rng = np.random.default_rng(0)
     hidden = mats[0][0].shape[1]
     for step in range(12):
@@ -93,7 +91,8 @@ def test_several_tokens_stream_the_layer_and_keep_each_tokens_own_neurons(flash_
 
 def test_the_naive_baseline_computes_the_same(flash_bundle, mats):
     bundle = read_bundle(flash_bundle)
-    window, naive = FlashMlp(bundle, BIG, fraction=0.5), FlashMlp(bundle, BIG, fraction=0.5, naive=True)
+    window = FlashMlp(bundle, BIG, fraction=0.5, prefetch=False)
+    naive = FlashMlp(bundle, BIG, fraction=0.5, naive=True)
     x = np.random.default_rng(2).standard_normal((1, mats[0][0].shape[1])).astype(np.float32)
     gate = x @ mats[1][0].T
     np.testing.assert_allclose(window(1, x, gate), naive(1, x, gate), rtol=1e-3, atol=1e-4)
@@ -120,9 +119,7 @@ def test_with_every_neuron_generation_equals_the_in_memory_engine(flash_bundle, 
 
 
 def test_a_budget_too_small_for_the_fraction_is_a_clear_error(flash_bundle):
-    entry = read_bundle(flash_bundle).manifest["flash"]
-    per_slot = entry["num_layers"] * window_dtype(entry, ("up", "down")).itemsize + 2 * entry["record_size"]
-    half = entry["resident_bytes"] + 2 * 4 * 256 * 1024 + entry["intermediate_size"] // 2 * per_slot
+    half = budget_for(read_bundle(flash_bundle).manifest["flash"], 0.5)
     with pytest.raises(BudgetTooSmallError, match="raise the budget or lower the fraction"):
         ondevice.load(flash_bundle, dram_budget=half, ffn_fraction=0.75)
     ondevice.load(flash_bundle, dram_budget=half, ffn_fraction=0.5)
@@ -144,3 +141,22 @@ def test_budgets_read_as_sizes(text, value):
 def test_an_unreadable_budget_is_a_clear_error():
     with pytest.raises(ValueError, match="as a size"):
         ondevice.parse_bytes("lots")
+
+
+def test_dense_misses_make_the_next_layer_read_ahead_whole_and_the_result_is_the_same(flash_bundle, mats):
+    bundle = read_bundle(flash_bundle)
+    ahead, on_demand = FlashMlp(bundle, BIG, fraction=0.5), FlashMlp(bundle, BIG, fraction=0.5, prefetch=False)
+    rng = np.random.default_rng(3)
+    for step in range(3):
+        for layer in range(len(mats)):
+            x = rng.standard_normal((1, mats[0][0].shape[1])).astype(np.float32)
+            gate = x @ mats[layer][0].T
+            np.testing.assert_allclose(ahead(layer, x, gate), on_demand(layer, x, gate), rtol=1e-5, atol=1e-6)
+        ahead.end_step()
+        on_demand.end_step()
+    # a fresh window misses half of each layer: every layer's section was read ahead, whole
+    n, layers = mats[0][0].shape[0], len(mats)
+    assert ahead.weights.reader.stats.records >= layers * n
+    assert on_demand.weights.reader.stats.records < layers * n
+    ahead.close()
+    on_demand.close()
