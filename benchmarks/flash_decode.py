@@ -17,13 +17,18 @@ window hit rate, I/O wait share of decode time, peak RSS, and perplexity on held
 half of the shipped calibration text, windows of 256, computed by the same engine: the prompt path
 keeps each token's own top neurons too). Then a cost model with a device profile's figures:
 
-    t_token = t_compute * (host memory GB/s / device memory GB/s)
-              + max(bytes / device seq read, reads * 4 KiB / device random 4K read)
+    t_compute = (the host's decode time per token - its I/O wait) * host memory GB/s / device memory GB/s
+    t_io      = max(bytes / device seq read, reads * 4 KiB / device random 4K read)
+    t_token   = max(t_compute, t_io)      (reads run ahead of compute: whole sections, one layer early)
 
-with t_compute = the host's measured decode time minus its I/O wait; it is checked against the
-host's own profile (laptop-x86-2core) before it is applied to phones.
+checked against the host's own profile (laptop-x86-2core: the first column) before it is applied to
+phones. The naive baseline has no read-ahead across layers: t_token = t_compute + t_io there.
 
-    python benchmarks/flash_decode.py BUNDLE [--tokens 64] [--dram 0.1 0.25 0.5 0.75 1] [--json out.json]
+    python benchmarks/flash_decode.py BUNDLE [--tokens 64] [--dram 0.1 0.25 0.5 0.75 1]
+        [--methods top-k threshold predictor] [--json out.json]
+
+The table's rows keep the same share of neurons per token as the window holds (select = dram);
+methods: top-k |silu(gate)|, per-layer calibrated thresholds on it, the low-rank predictor.
 """
 
 from __future__ import annotations
@@ -52,7 +57,8 @@ def drop_cache(path: Path) -> None:
         pass
 
 
-def run_one(bundle: str, mode: str, budget: int | None, select: float, tokens: int, ppl_tokens: int) -> dict:
+def run_one(bundle: str, mode: str, budget: int | None, select: float, method: str, tokens: int,
+            ppl_tokens: int) -> dict:
     """In this process: load, perplexity, then decode; the figures as a dict."""
     import resource
     import time
@@ -65,14 +71,16 @@ def run_one(bundle: str, mode: str, budget: int | None, select: float, tokens: i
 
     started = time.perf_counter()
     model = ondevice.load(bundle, threads=1 if mode != "in-memory" else None,
-                          **({} if mode == "in-memory" else {"dram_budget": budget, "ffn_fraction": select}))
+                          **({} if mode == "in-memory" else {"dram_budget": budget, "ffn_fraction": select,
+                                                              "ffn_select": method}))
     if mode in ("naive", "mmap cold"):
         layers = model.backend.flash_layers
         layers.mlp.close()
-        layers.mlp = FlashMlp(read_bundle(bundle, verify=False), budget, fraction=select,
-                              naive=mode == "naive", use_mmap=mode == "mmap cold")
+        layers.mlp = FlashMlp(read_bundle(bundle, verify=False), budget, fraction=select, select=method,
+                              naive=mode == "naive", use_mmap=mode == "mmap cold",
+                              prefetch=mode != "mmap cold")  # faults read a map in place: nothing to get ahead of
     load_s = time.perf_counter() - started
-    out = {"mode": mode, "select": select, "budget_mb": budget / 1e6 if budget else None, "load_s": load_s}
+    out = {"mode": mode, "select": select, "method": method, "budget_mb": budget / 1e6 if budget else None, "load_s": load_s}
     model.generate(PROMPT, max_tokens=4, temperature=0)  # warm up the sessions
     model.reset()
     mlp = getattr(model.backend.flash_layers, "mlp", None) if model.backend.flash_layers else None
@@ -97,7 +105,8 @@ def run_one(bundle: str, mode: str, budget: int | None, select: float, tokens: i
 
 def child(args) -> dict:
     cmd = [sys.executable, str(HERE), args.bundle, "--child", args.mode_, "--budget", str(args.budget_ or 0),
-           "--select", str(args.select_), "--tokens", str(args.tokens), "--ppl-tokens", str(args.ppl_tokens)]
+           "--select", str(args.select_), "--method", args.method_, "--tokens", str(args.tokens),
+           "--ppl-tokens", str(args.ppl_tokens)]
     res = subprocess.run(cmd, capture_output=True, text=True)
     if res.returncode != 0:
         return {"mode": args.mode_, "select": args.select_, "error": res.stderr.strip().splitlines()[-1]}
@@ -115,7 +124,7 @@ def cost_model(row: dict, host: dict, device: dict) -> float | None:
     st = device["storage"]
     io_dev = max(row.get("bytes_per_token", 0.0) / (st["seq_read_mb_s"] * 1e6),
                  row.get("reads_per_token", 0.0) * 4096 / (st["rand_4k_read_mb_s"] * 1e6))
-    return 1.0 / (compute + io_dev)
+    return 1.0 / (compute + io_dev if row["mode"] == "naive" else max(compute, io_dev))
 
 
 def main() -> None:
@@ -132,10 +141,13 @@ def main() -> None:
     p.add_argument("--child", dest="mode_", help=argparse.SUPPRESS)
     p.add_argument("--budget", dest="budget_", type=int, help=argparse.SUPPRESS)
     p.add_argument("--select", dest="select_", type=float, default=1.0, help=argparse.SUPPRESS)
+    p.add_argument("--method", dest="method_", default="top-k", help=argparse.SUPPRESS)
+    p.add_argument("--methods", nargs="+", default=["top-k", "threshold", "predictor"],
+                   help="neuron selections for the table (predictor: convert with --flash-predictor)")
     args = p.parse_args()
     if args.mode_:
-        print(json.dumps(run_one(args.bundle, args.mode_, args.budget_ or None, args.select_, args.tokens,
-                                 args.ppl_tokens)))
+        print(json.dumps(run_one(args.bundle, args.mode_, args.budget_ or None, args.select_, args.method_,
+                                 args.tokens, args.ppl_tokens)))
         return
 
     from ondevice.bundle import read_bundle
@@ -147,8 +159,8 @@ def main() -> None:
     store = bundle.file(entry["file"])
     ref_budget = budget_for(entry, args.reference)
 
-    def run(mode: str, budget: int | None, select: float) -> dict:
-        args.mode_, args.budget_, args.select_ = mode, budget, select
+    def run(mode: str, budget: int | None, select: float, method: str = "top-k") -> dict:
+        args.mode_, args.budget_, args.select_, args.method_ = mode, budget, select, method
         if mode == "mmap cold":
             drop_cache(store)
         row = child(args)
@@ -160,7 +172,9 @@ def main() -> None:
     rows = {"in-memory": run("in-memory", None, 1.0)}
     for mode in ("window", "naive", "mmap cold"):
         rows[mode] = run(mode, ref_budget, args.reference)
-    table = [run("window", budget_for(entry, f), f) for f in args.dram]
+    methods = [m for m in args.methods if m != "predictor" or isinstance(entry.get("predictor"), dict)]
+    table = [run("window", budget_for(entry, f, select=m), f, m) for f in args.dram for m in methods
+             if f < 1.0 or m == methods[0]]  # every neuron: the methods agree
     host = load_profile("laptop-x86-2core")
     phones = {name: load_profile(name) for name in args.profiles}
     for row in [*rows.values(), *table]:
@@ -171,7 +185,7 @@ def main() -> None:
     print("\n| config | decode tok/s | vs in-memory | MB read/token | reads/token | hit rate | I/O wait "
           "| peak RSS MB | perplexity |")
     print("|---|---|---|---|---|---|---|---|---|")
-    for name, r in [*rows.items(), *((f"window {r['select']:.0%}", r) for r in table)]:
+    for name, r in [*rows.items(), *((f"window {r['select']:.0%} {r['method']}", r) for r in table)]:
         if "error" in r:
             print(f"| {name} | {r['error']} |")
             continue
@@ -182,7 +196,7 @@ def main() -> None:
     print("\npredicted decode tok/s (cost model):")
     print("| config | " + " | ".join(phones) + " |")
     print("|---|" + "---|" * len(phones))
-    for name, r in [*rows.items(), *((f"window {r['select']:.0%}", r) for r in table)]:
+    for name, r in [*rows.items(), *((f"window {r['select']:.0%} {r['method']}", r) for r in table)]:
         if "error" not in r:
             print(f"| {name} | " + " | ".join(f"{v:.1f}" if v else "-" for v in r["predicted_tok_s"].values()) + " |")
     if args.json:

@@ -33,7 +33,7 @@ def convert(source: str | Path, out: str | Path, *, quant: str = "q4", block_siz
             symmetric: bool = False, max_context: int | None = None, compute: str = "float",
             draft_of: str | Path | None = None, draft_layers: int | None = None, draft_vocab: int | None = None,
             split_prefill: int | bool | None = None, int8_prefill: bool | str | dict = False, force: bool = False,
-            progress: bool = True, flash: bool | str = False) -> Path:
+            progress: bool = True, flash: bool | str = False, flash_predictor: bool = False) -> Path:
     """Convert a GGUF file or Hugging Face folder (or a model alias) into an ONNX bundle at `out`.
 
     compute: "float" (exact: greedy output equals a float reference on the same weights) or "int8"
@@ -55,6 +55,9 @@ def convert(source: str | Path, out: str | Path, *, quant: str = "q4", block_siz
 
     flash: also write the FFN weights as a flash store (ffn_flash.bin, one record per neuron, read on
     demand under a DRAM budget; converters/flash.py): True ("q4", exact for 4-bit sources) or "fp16".
+    flash_predictor: with flash, also train LLM in a flash's low-rank neuron predictor per layer on
+    the calibration text (converters/sparsity.py; about a minute for SmolLM2) for load(ffn_select=
+    "predictor").
     """
     if compute not in COMPUTE_ACCURACY_LEVEL:
         raise ValueError(f"compute must be one of {', '.join(COMPUTE_ACCURACY_LEVEL)}, not {compute!r}")
@@ -73,14 +76,17 @@ def convert(source: str | Path, out: str | Path, *, quant: str = "q4", block_siz
     flash = "q4" if flash is True else (flash or None)
     if flash is not None and flash not in ("q4", "fp16"):
         raise ValueError(f"flash must be True, 'q4' or 'fp16', not {flash!r}")
+    if flash_predictor and flash is None:
+        raise ValueError("flash_predictor trains the neuron predictor of a flash store: it needs flash")
     with tqdm(total=4 + bool(draft) + (int8_opts is not None), desc="convert", disable=not progress,
               unit="step") as steps:
         return _convert(source, out, spec, max_context, compute, force, steps, started, draft, split, int8_opts,
-                        flash)
+                        flash, flash_predictor)
 
 
 def _convert(source, out, spec: QuantSpec, max_context, compute, force, steps, started, draft_opts,
-             split_chunk: int | None = None, int8_opts: dict | None = None, flash: str | None = None) -> Path:
+             split_chunk: int | None = None, int8_opts: dict | None = None, flash: str | None = None,
+             flash_predictor: bool = False) -> Path:
     quant = spec.mode
     accuracy_level = COMPUTE_ACCURACY_LEVEL[compute]
     path = resolve_source(source)
@@ -151,6 +157,8 @@ def _convert(source, out, spec: QuantSpec, max_context, compute, force, steps, s
             manifest["backends"]["onnx"]["prefill_int8"] = prefill_int8
         if flash is not None:  # the FFN as a flash store; the weights outside it are the resident part
             from ondevice.converters.flash import resident_weight_bytes, write_flash_store
+            from ondevice.converters.sparsity import for_bundle as predictors_for_bundle
+            from ondevice.converters.sparsity import selection_entry
 
             steps.set_postfix_str("writing the flash store")
             manifest["flash"] = write_flash_store(weights, cfg.num_layers, tmp, flash)
@@ -159,6 +167,11 @@ def _convert(source, out, spec: QuantSpec, max_context, compute, force, steps, s
             manifest["backends"]["onnx"]["flash_graphs"] = layered
             manifest["flash"].update(graph_resident_bytes=resident, graph_ffn_bytes=ffn,
                                      resident_bytes=resident + manifest["flash"]["tables_bytes"])
+            steps.set_postfix_str("calibrating the neuron selection")
+            manifest["flash"]["selection"] = selection_entry(weights, cfg, ckpt.tokenizer_json)
+            if flash_predictor:
+                steps.set_postfix_str("training the neuron predictors")
+                manifest["flash"]["predictor"] = predictors_for_bundle(tmp, weights, cfg, ckpt.tokenizer_json)
         if draft is not None:
             manifest["draft"] = {"target": target, "source_layers": source_layers,
                                  "layers_kept": draft.layers_kept, "layer_scores": draft.layer_scores,

@@ -262,6 +262,18 @@ def for_bundle(folder: str | Path, weights, cfg, tokenizer_json: str, rank: int 
             "recall": float(np.mean([layer["recall"] for layer in calib["layers"]]))}
 
 
+def selection_entry(weights, cfg, tokenizer_json: str, fractions=(0.1, 0.25, 0.5, 0.75, 0.8, 0.9),
+                    tokens: int = CALIBRATION_TOKENS) -> dict:
+    """What a flash bundle's manifest carries for choosing neurons by threshold: per layer, the
+    |silu(gate)| above which each of `fractions` of the neurons fall on the calibration text (its
+    first `tokens` tokens). Cost: the converter's dense numpy forward over those tokens."""
+    ids, _ = calibrate.token_counts(tokenizer_json, calibrate.calibration_text())
+    xs = ffn_inputs(weights, cfg, calibrate.windows(ids[:tokens], CALIBRATION_WINDOW, tokens))
+    return {"fractions": list(fractions), "calibration_tokens": min(tokens, len(ids)),
+            "gate_thresholds": [[thresholds_for(gate_scores(x, _w(weights, i, "gate_proj")), f) for f in fractions]
+                                for i, x in enumerate(xs)]}
+
+
 # --- storage: one raw float32 file and its JSON description ------------------------------------------
 
 _ARRAYS = ("a", "b", "c", "h_thresholds", "gate_thresholds")

@@ -27,7 +27,8 @@ def load(path: str | os.PathLike, *, threads: int | None = None, verify: bool = 
          providers: list[str] | None = None, draft: str | os.PathLike | None = None,
          lookup: bool = False, prefill_chunk: int | None = None, split_prefill: bool | str = False,
          profile: str | os.PathLike | None = None, int8_prefill: bool = False,
-         dram_budget: int | str | None = None, ffn_fraction: float | None = None) -> Model:
+         dram_budget: int | str | None = None, ffn_fraction: float | None = None,
+         ffn_select: str = "top-k") -> Model:
     """Open a bundle: check it (sha256 of every file unless verify=False) and create the session once.
 
     The checksums are computed in a thread while ONNX Runtime builds its session; the model is
@@ -45,7 +46,9 @@ def load(path: str | os.PathLike, *, threads: int | None = None, verify: bool = 
     dram_budget: run with the FFN weights in the bundle's flash store (convert with flash=True) under
     this DRAM budget (bytes, or a string such as "70MB"): the resident weights plus a window of
     recently used FFN neurons, the rest read from storage per token (runtimes/flash_mlp.py).
-    ffn_fraction: the share of FFN neurons each token keeps there (default 0.8, measured; 1.0 = all)."""
+    ffn_fraction: the share of FFN neurons each token keeps there (default 0.8, measured; 1.0 = all);
+    ffn_select: how they are chosen: "top-k" |silu(gate)| (default), "threshold" (per-layer thresholds
+    calibrated at conversion for that fraction), "predictor" (the low-rank predictors, if converted)."""
     from concurrent.futures import ThreadPoolExecutor
 
     from ondevice.bundle import read_bundle, verify_checksums
@@ -71,7 +74,8 @@ def load(path: str | os.PathLike, *, threads: int | None = None, verify: bool = 
             backend = OnnxBackend(bundle, threads=threads, providers=providers, threading=threading,
                                   main_graph=dram_budget is None)
             if dram_budget is not None:
-                backend.flash_layers = _flash_layers(bundle, backend, dram_budget, ffn_fraction, threads, providers)
+                backend.flash_layers = _flash_layers(bundle, backend, dram_budget, ffn_fraction, ffn_select, threads,
+                                                     providers)
         finally:
             if checked is not None:
                 checked.result()  # raises BundleError on a mismatch, before anything runs
@@ -113,13 +117,13 @@ def parse_bytes(size: int | str) -> int:
         raise ValueError(f"cannot read {size!r} as a size: give bytes or a number with KB/MB/GB/MiB") from None
 
 
-def _flash_layers(bundle, backend, dram_budget, ffn_fraction, threads, providers):
+def _flash_layers(bundle, backend, dram_budget, ffn_fraction, ffn_select, threads, providers):
     from ondevice.runtimes.flash_layers import FlashLayers
     from ondevice.runtimes.flash_mlp import DEFAULT_FRACTION, FlashMlp
 
     if not isinstance(bundle.manifest.get("flash"), dict):
         raise BundleError(f"{bundle.path}: a DRAM budget needs the FFN in a flash store; convert with --flash")
-    mlp = FlashMlp(bundle, parse_bytes(dram_budget),
+    mlp = FlashMlp(bundle, parse_bytes(dram_budget), select=ffn_select,
                    fraction=DEFAULT_FRACTION if ffn_fraction is None else ffn_fraction)
     try:
         return FlashLayers(bundle, backend, mlp, threads=threads, providers=providers)
@@ -166,7 +170,7 @@ def convert(source: str | os.PathLike, out: str | os.PathLike, *, quant: str = "
             draft_of: str | os.PathLike | None = None, draft_layers: int | None = None,
             draft_vocab: int | None = None, int8_prefill: bool | str | dict = False,
             split_prefill: int | bool | None = None, force: bool = False, progress: bool = True,
-            flash: bool | str = False) -> Path:
+            flash: bool | str = False, flash_predictor: bool = False) -> Path:
     """Convert a GGUF file, a Hugging Face folder or a model alias (e.g. "smollm2-135m") into a bundle.
 
     quant: q4 (default; GGUF 4-bit blocks kept exactly) | q8 | fp16 | fp32; block_size and symmetric
@@ -185,11 +189,12 @@ def convert(source: str | os.PathLike, out: str | os.PathLike, *, quant: str = "
 
     flash: also write the FFN weights as a flash store (ffn_flash.bin), one record per neuron (gate
     row, up row, down column) to read on demand under a DRAM budget (ondevice/flash.py): True ("q4",
-    exact for 4-bit sources) or "fp16".
+    exact for 4-bit sources) or "fp16". flash_predictor: also train the low-rank neuron predictors
+    (load(ffn_select="predictor")).
     """
     from ondevice.converters.convert import convert as _convert
 
     return _convert(source, out, quant=quant, block_size=block_size, symmetric=symmetric,
                     max_context=max_context, compute=compute, draft_of=draft_of, draft_layers=draft_layers,
                     draft_vocab=draft_vocab, int8_prefill=int8_prefill, split_prefill=split_prefill, force=force,
-                    progress=progress, flash=flash)
+                    progress=progress, flash=flash, flash_predictor=flash_predictor)

@@ -151,7 +151,10 @@ def _referenced_files(manifest: dict) -> list[str]:
     vocab_map = manifest.get("vocab_map")
     names = [manifest.get("tokenizer", {}).get("file"), vocab_map.get("file") if isinstance(vocab_map, dict) else None]
     flash = manifest.get("flash")
-    names.append(flash.get("file") if isinstance(flash, dict) else None)  # converters/flash.py: the FFN store
+    if isinstance(flash, dict):  # converters/flash.py: the FFN store; converters/sparsity.py: predictors
+        predictor = flash.get("predictor")
+        names += [flash.get("file"), *([predictor.get("file"), predictor.get("description")]
+                                       if isinstance(predictor, dict) else [])]
     for backend in manifest.get("backends", {}).values():
         names += [backend.get("graph"), backend.get("data")]
         split = backend.get("split_prefill")

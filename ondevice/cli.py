@@ -19,7 +19,7 @@ def _load(args):
                          prefill_chunk=getattr(args, "prefill_chunk", None), profile=getattr(args, "profile", None),
                          split_prefill=getattr(args, "split_prefill", None) or False,
                          int8_prefill=getattr(args, "int8_prefill", False), dram_budget=args.dram_budget,
-                         ffn_fraction=args.ffn_fraction, **speculation)
+                         ffn_fraction=args.ffn_fraction, ffn_select=args.ffn_select, **speculation)
 
 
 def _sampling(args) -> dict:
@@ -37,7 +37,8 @@ def cmd_convert(args) -> int:
                   symmetric=args.symmetric, max_context=args.context, compute=args.compute,
                   draft_of=args.draft_of, draft_layers=args.draft_layers, draft_vocab=args.draft_vocab,
                   split_prefill=args.split_prefill, int8_prefill=args.int8_prefill or False,
-                  force=args.force, progress=not args.quiet, flash=args.flash or False)
+                  force=args.force, progress=not args.quiet, flash=args.flash or False,
+                  flash_predictor=args.flash_predictor)
     size = sum(p.stat().st_size for p in Path(out).iterdir()) / 1e6
     print(f"wrote {out} ({size:.1f} MB) in {time.perf_counter() - t:.1f} s", file=sys.stderr)
     return 0
@@ -118,7 +119,8 @@ def cmd_bench(args) -> int:
     results = benchmark(model, prompt_lengths=args.prompt_lengths, decode_tokens=args.decode_tokens,
                         repeats=args.repeat,
                         load=lambda: ondevice.load(args.bundle, threads=args.threads, verify=not args.no_verify,
-                                                   dram_budget=args.dram_budget, ffn_fraction=args.ffn_fraction))
+                                                   dram_budget=args.dram_budget, ffn_fraction=args.ffn_fraction,
+                                                   ffn_select=args.ffn_select))
     if args.json:
         print(json.dumps(results))
     else:
@@ -232,6 +234,10 @@ def cmd_inspect(args) -> int:
               f"{f['graph_resident_bytes'] / 1e6:.2f} MB + store tables {f['tables_bytes'] / 1e6:.2f} MB)")
         print(f"  in flash    {f['file_bytes'] / 1e6:9.2f} MB  (the graph's own copy of the FFN: "
               f"{f['graph_ffn_bytes'] / 1e6:.2f} MB)")
+        sel, pred = f.get("selection"), f.get("predictor")
+        print("  selection   top-k |silu(gate)| (gate rows resident)"
+              + (f"; thresholds for {', '.join(f'{x:g}' for x in sel['fractions'])}" if sel else "")
+              + (f"; rank-{pred['rank']} predictors, {pred['bytes'] / 1e6:.1f} MB" if pred else ""))
     print(f"source        {m['source'].get('format')} {m['source'].get('file') or m['source'].get('folder')}")
     if "draft" in m:
         d = m["draft"]
@@ -299,6 +305,8 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--flash", nargs="?", const="q4", default=None, choices=["q4", "fp16"],
                    help="also write the FFN weights as a flash store read on demand under a DRAM budget "
                         "(ffn_flash.bin: one record per neuron, q4 exact for 4-bit sources, or fp16)")
+    c.add_argument("--flash-predictor", action="store_true",
+                   help="with --flash: also train the low-rank neuron predictors (run/chat/bench --ffn-select predictor)")
     c.add_argument("--force", action="store_true", help="overwrite an existing bundle")
     c.add_argument("--quiet", action="store_true", help="no progress bar")
     c.set_defaults(func=cmd_convert)
@@ -319,6 +327,9 @@ def build_parser() -> argparse.ArgumentParser:
                              "SIZE in DRAM (e.g. 150MB): resident weights plus a window of recent FFN neurons")
         sp.add_argument("--ffn-fraction", type=float, default=None, metavar="F",
                         help="with --dram-budget: the share of FFN neurons each token uses (default 0.8; 1 = all)")
+        sp.add_argument("--ffn-select", default="top-k", choices=["top-k", "threshold", "predictor"],
+                        help="with --dram-budget: how a token's neurons are chosen: top-k |silu(gate)| (default), "
+                             "calibrated per-layer thresholds, or the low-rank predictors (convert --flash-predictor)")
         sp.add_argument("--split-prefill", nargs="?", const="out-of-order", default=None,
                         choices=["out-of-order", "in-order"],
                         help="prefill through the bundle's split graphs (convert --split-prefill): linear "

@@ -153,12 +153,42 @@ class FlashReader:
             with self._lock:
                 self.stats.records += len(ids)
             return done
+        pos = self.positions[layer][ids]
+        if len(ids) > 1 and pos[-1] - pos[0] == len(ids) - 1 and (np.diff(pos) == 1).all():
+            return self._submit_span(layer, int(pos[0]), len(ids))
         out = np.empty(len(ids), self.dtype)
         runs = self.plan(layer, ids)
         # One task per thread, each reading its share of the runs one after the other (a task per
         # read costs more Python time than a 4 KiB read takes); runs dealt round-robin.
         groups = [runs[i::self.inflight] for i in range(min(self.inflight, len(runs)))]
         return _Gather([self._pool.submit(self._read_runs, g, out) for g in groups], out)
+
+    def _submit_span(self, layer: int, first: int, count: int) -> Future:
+        """Consecutive records (a whole section, a block of a prompt's stream): read straight into a
+        page-aligned array, no staging copy, in max_read pieces spread over the threads."""
+        start = int(self.entry["layers"][layer]["records_offset"]) + first * self.rec
+        lead = start % PAGE  # direct I/O reads whole aligned pages
+        span = _align_up(lead + count * self.rec)
+        raw = np.empty(span + PAGE, np.uint8)
+        skip = -raw.ctypes.data % PAGE
+        buf = raw[skip:skip + span]
+        pieces = [(start - lead + at, min(self.max_read, span - at), at) for at in range(0, span, self.max_read)]
+        groups = [pieces[i::self.inflight] for i in range(min(self.inflight, len(pieces)))]
+        futures = [self._pool.submit(self._read_into, g, buf) for g in groups]
+        with self._lock:
+            self.stats.records += count
+        return _Gather(futures, buf[lead:lead + count * self.rec].view(self.dtype))
+
+    def _read_into(self, pieces: list, buf: np.ndarray) -> None:
+        for offset, length, at in pieces:
+            with memoryview(buf[at:at + length]) as part:
+                got = os.preadv(self.fd, [part], offset)
+            if got < length:
+                raise FlashStoreError(f"{self.path}: short read at byte {offset} ({got} of {length} bytes): the "
+                                      "flash store is truncated; re-convert the model with --flash")
+        with self._lock:
+            self.stats.bytes_read += sum(p[1] for p in pieces)
+            self.stats.reads += len(pieces)
 
     def plan(self, layer: int, ids: np.ndarray) -> list[tuple[int, int, np.ndarray, np.ndarray]]:
         """Coalesced reads: (file offset, length, indices into the output, record offsets in the read)."""
@@ -419,11 +449,11 @@ class FlashWeights:
 
     def __init__(self, bundle, budget_bytes: int, *, window_tokens: int = 5, inflight: int = 4,
                  max_read: int = 256 * 1024, max_gap: int = 32768, direct: bool | None = None,
-                 decode_to: np.dtype | None = None, decoder=None, use_mmap: bool = False, sections: int = 0):
+                 decode_to: np.dtype | None = None, decoder=None, use_mmap: bool = False, reserved_bytes: int = 0):
         """decode_to: slots hold the neurons decoded to this window_dtype (what the MLP computes with),
         the budget counting their size; None: slots hold the records as read. decoder(records, ids,
-        tables) -> {field: rows} does the decoding (default: `decode_records`). sections: whole layer
-        sections the caller may have in flight at once (prefetch_section), reserved in the budget."""
+        tables) -> {field: rows} does the decoding (default: `decode_records`). reserved_bytes: what the
+        caller holds besides within the budget (sections read ahead, predictors)."""
         entry = bundle.manifest.get("flash")
         if not isinstance(entry, dict):
             raise FlashStoreError(f"{bundle.path}: the bundle has no flash store; convert with --flash")
@@ -436,8 +466,8 @@ class FlashWeights:
             self.decode_to = decode_to
             self.decoder = decoder or (lambda rec, ids, tables: decode_records(rec, ids, tables, entry, decode_to))
             slot = self.reader.dtype if decode_to is None else decode_to
-            self.section_bytes = sections * int(entry["intermediate_size"]) * self.reader.rec
-            self.capacity = capacity_for_budget(entry, self.budget, self.reader.staging_bytes + self.section_bytes,
+            self.reserved_bytes = reserved_bytes
+            self.capacity = capacity_for_budget(entry, self.budget, self.reader.staging_bytes + reserved_bytes,
                                                 None if decode_to is None else decode_to.itemsize)
             self.tables = [self.reader.tables(i) for i in range(self.layers)]
             if decode_to is not None and entry["encoding"] == "q4":  # rows by block: a gather per neuron
@@ -454,7 +484,7 @@ class FlashWeights:
         """What this holds in DRAM at most: resident weights, staging, two layers of records in flight, windows."""
         return (int(self.entry["resident_bytes"]) - int(self.entry["tables_bytes"])
                 + sum(t.nbytes for ts in self.tables for t in ts.values()) + self.reader.staging_bytes
-                + self.section_bytes
+                + self.reserved_bytes
                 + 2 * self.capacity * self.reader.rec + sum(w.nbytes for w in self.windows))
 
     def prefetch(self, layer: int, ids) -> Future:

@@ -17,15 +17,17 @@ prepacked constants (measured: 0.9 ms against 0.03 ms for 768 x 576), so 4-bit s
 from __future__ import annotations
 
 import os
+import time
 
 import numpy as np
 import onnxruntime as ort
 from onnx import TensorProto, helper
 
-from ondevice.errors import BudgetTooSmallError
+from ondevice.errors import BudgetTooSmallError, BundleError
 from ondevice.flash import FlashWeights, budget_for_capacity, window_dtype
 
 DEFAULT_FRACTION = 0.8  # converters/sparsity.py DEFAULT_FRACTION: the measured default
+SELECTIONS = ("top-k", "threshold", "predictor")
 STREAM_BLOCK = 256  # neurons per read when a prompt streams a layer's FFN through (256 KiB of q4 records)
 SLOT_DTYPES = {"float16": TensorProto.FLOAT16, "float32": TensorProto.FLOAT}
 
@@ -105,23 +107,32 @@ def decode_graph(hidden: int, block: int, dtype: str) -> bytes:
     return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 21)], ir_version=10).SerializeToString()
 
 
-def top_neurons(gate: np.ndarray, k: int) -> np.ndarray:
-    """[T, k] neuron ids: each token's k largest |silu(g)| (all, in order, when k is every neuron)."""
-    t, n = gate.shape
+def top_k(score: np.ndarray, k: int) -> np.ndarray:
+    """[T, k] ids: each row's k largest scores (all, in order, when k is every column)."""
+    t, n = score.shape
     if k >= n:
         return np.broadcast_to(np.arange(n), (t, n))
-    score = np.abs(gate / (1.0 + np.exp(-gate)))
     return np.argpartition(-score, k - 1, axis=1)[:, :k]
 
 
+def top_neurons(gate: np.ndarray, k: int) -> np.ndarray:
+    """[T, k] neuron ids: each token's k largest |silu(g)|."""
+    return top_k(np.abs(gate / (1.0 + np.exp(-gate))), k)
+
+
 def budget_for(entry: dict, fraction: float, dtype: str = "float16", prefetch: bool = True,
-               inflight: int = 4, max_read: int = 256 * 1024) -> int:
+               select: str = "top-k", inflight: int = 4, max_read: int = 256 * 1024) -> int:
     """The DRAM budget (bytes) whose window holds `fraction` of each layer's neurons (FlashMlp's
-    slots, the reader's buffers with its defaults, the sections prefetch keeps in flight)."""
-    n = int(entry["intermediate_size"])
-    staging = 2 * inflight * max_read + (2 * n * int(entry["record_size"]) if prefetch else 0)
-    return budget_for_capacity(entry, int(round(fraction * n)), staging,
+    slots, the reader's buffers with its defaults, what FlashMlp reserves besides)."""
+    return budget_for_capacity(entry, int(round(fraction * int(entry["intermediate_size"]))),
+                               2 * inflight * max_read + reserved_bytes(entry, prefetch, select),
                                window_dtype(entry, ("up", "down"), dtype).itemsize)
+
+
+def reserved_bytes(entry: dict, prefetch: bool, select: str) -> int:
+    """DRAM a FlashMlp holds outside the window: two layer sections read ahead, the predictors."""
+    sections = 2 * int(entry["intermediate_size"]) * int(entry["record_size"]) if prefetch else 0
+    return sections + (int(entry["predictor"]["bytes"]) if select == "predictor" else 0)
 
 
 class FlashMlp:
@@ -134,14 +145,29 @@ class FlashMlp:
     through a memory map of the store instead of direct I/O. prefetch: read a layer's whole section
     while the layer before it computes, where the last token's misses were dense (see __call__)."""
 
-    def __init__(self, bundle, budget_bytes: int, *, fraction: float = DEFAULT_FRACTION, window_tokens: int = 5,
-                 dtype: str = "float16", threads: int | None = None, direct: bool | None = None,
-                 naive: bool = False, use_mmap: bool = False, prefetch: bool = True):
+    def __init__(self, bundle, budget_bytes: int, *, fraction: float = DEFAULT_FRACTION, select: str = "top-k",
+                 window_tokens: int = 5, dtype: str = "float16", threads: int | None = None,
+                 direct: bool | None = None, naive: bool = False, use_mmap: bool = False, prefetch: bool = True):
         if dtype not in SLOT_DTYPES:
             raise ValueError(f"slot dtype must be one of {', '.join(SLOT_DTYPES)}, not {dtype!r}")
         if not 0.0 < fraction <= 1.0:
             raise ValueError(f"the FFN fraction must be in (0, 1], not {fraction}")
         entry = bundle.manifest["flash"]
+        self.select, self.thresholds, self.predictors = select, None, None
+        if select == "threshold":
+            table = entry.get("selection") or {}
+            if fraction not in table.get("fractions", []):
+                raise ValueError(f"threshold selection is calibrated for fractions {table.get('fractions')}, "
+                                 f"not {fraction}; re-convert with --flash for thresholds, or pick one of those")
+            self.thresholds = [layer[table["fractions"].index(fraction)] for layer in table["gate_thresholds"]]
+        elif select == "predictor":
+            if not isinstance(entry.get("predictor"), dict):
+                raise BundleError(f"{bundle.path}: no neuron predictors; convert with --flash --flash-predictor")
+            from ondevice.converters.sparsity import load_predictors
+
+            self.predictors = load_predictors(bundle.path)["layers"]
+        elif select != "top-k":
+            raise ValueError(f"ffn selection must be one of {', '.join(SELECTIONS)}, not {select!r}")
         opts = ort.SessionOptions()
         # one thread: ORT's fp16 MatMul gains nothing from a second one here (0.42 against 0.61 ms
         # for 1536 neurons of SmolLM2), and the float32 one little
@@ -156,7 +182,8 @@ class FlashMlp:
             decoder, self.block = self._decode, int(entry["block_size"])
         self.weights = FlashWeights(bundle, budget_bytes, window_tokens=window_tokens, direct=direct,
                                     decode_to=window_dtype(entry, ("up", "down"), dtype), decoder=decoder,
-                                    use_mmap=use_mmap, sections=0 if naive or not prefetch else 2)
+                                    use_mmap=use_mmap,
+                                    reserved_bytes=reserved_bytes(entry, prefetch and not naive, select))
         n = int(entry["intermediate_size"])
         self.dense_ids = np.arange(n)
         # per layer: the last token's missing neurons were dense enough to prefetch the whole section
@@ -183,17 +210,34 @@ class FlashMlp:
             "down_scale": tables["down_scale_t"][groups], "down_min": tables["down_min_t"][groups]})
         return {"up": up, "down": down}
 
+    def choose(self, layer: int, x: np.ndarray, gate: np.ndarray) -> list[np.ndarray]:
+        """Each token's neuron ids: its top-k |silu(g)| ("top-k"), those above the layer's calibrated
+        threshold ("threshold", at most the window's capacity), or the predictor's top-k scores."""
+        if self.select == "predictor":
+            p = self.predictors[layer]
+            return list(top_k((x @ p["a"]) @ p["b"] + p["c"], self.k))
+        score = np.abs(gate / (1.0 + np.exp(-gate)))
+        if self.select == "top-k":
+            return list(top_k(score, self.k))
+        chosen = []
+        for row in score:
+            ids = np.flatnonzero(row > self.thresholds[layer])
+            if len(ids) > self.weights.capacity:
+                ids = ids[top_k(row[ids][None], self.weights.capacity)[0]]
+            chosen.append(ids)
+        return chosen
+
     def __call__(self, layer: int, x: np.ndarray, gate: np.ndarray) -> np.ndarray:
-        top = top_neurons(gate, self.k)
+        chosen = self.choose(layer, x, gate)
         self._streaming = len(x) > 1
         if len(x) > 1 or self.naive:
-            return self._stream(layer, x, gate, top)
+            return self._stream(layer, x, gate, chosen)
         w = self.weights
         nxt = (layer + 1) % w.layers
         if self.dense[nxt] and nxt not in self.ahead:
             self.ahead[nxt] = w.prefetch_section(nxt)
         misses = w.windows[layer].misses
-        view = w.load(layer, top[0], self.ahead.pop(layer, None))
+        view = w.load(layer, chosen[0], self.ahead.pop(layer, None))
         # Missing neurons closer than the reader's gap are read along with everything between them:
         # past that density, reading the whole section ahead of time costs the same bytes, off the
         # critical path.
@@ -204,18 +248,21 @@ class FlashMlp:
         return self.session.run(None, {"x": x, "gate": gate[:, view.neurons], "up": view.fields["up"][:used],
                                        "down": view.fields["down"][:used], "mask": mask})[0]
 
-    def _stream(self, layer: int, x: np.ndarray, gate: np.ndarray, top: np.ndarray) -> np.ndarray:
+    def _stream(self, layer: int, x: np.ndarray, gate: np.ndarray, chosen: list[np.ndarray]) -> np.ndarray:
         """Several tokens (a prompt): together they use nearly every neuron, so the layer's whole store
         section streams through in blocks of STREAM_BLOCK neurons (large reads, the next block read
         while this one computes), each token masked to its own neurons; the window is left as it is."""
         mask = np.zeros(gate.shape, np.float32)
-        np.put_along_axis(mask, top, 1.0, axis=1)
+        for t, ids in enumerate(chosen):
+            mask[t, ids] = 1.0
         n, reader, tables = gate.shape[1], self.weights.reader, self.weights.tables[layer]
         blocks = [np.arange(s, min(n, s + STREAM_BLOCK)) for s in range(0, n, STREAM_BLOCK)]
         out = np.zeros_like(x)
         pending = reader.submit(layer, blocks[0])
         for i, ids in enumerate(blocks):
+            waited = time.perf_counter()
             records = pending.result()
+            self.weights.io_wait_s += time.perf_counter() - waited
             if i + 1 < len(blocks):
                 pending = reader.submit(layer, blocks[i + 1])
             rows = self.weights.decoder(records, ids, tables)

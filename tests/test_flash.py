@@ -59,6 +59,21 @@ def test_direct_coalesced_reads_return_the_same_bytes_as_plain_reads(flash_bundl
                 np.testing.assert_array_equal(got, plain_records(flash_bundle, entry, layer, ids))
 
 
+@pytest.mark.parametrize("direct", [True, False])
+@pytest.mark.parametrize("first,count", [(0, 128), (3, 5), (31, 2), (100, 28), (0, 2)])
+def test_consecutive_records_are_read_straight_into_place_with_the_same_bytes(flash_bundle, entry, first, count,
+                                                                              direct):
+    if direct and not o_direct_works(flash_bundle / FLASH_FILE):
+        pytest.skip("this file system has no O_DIRECT (e.g. tmpfs)")
+    with FlashReader(flash_bundle / FLASH_FILE, entry, inflight=3, max_read=8192, direct=direct) as r:
+        for layer in range(entry["num_layers"]):
+            ids = np.arange(first, first + count)
+            got = r.read(layer, ids)
+            assert got.ctypes.data % 4096 == (first * entry["record_size"]) % 4096  # in the aligned read buffer
+            np.testing.assert_array_equal(got.view(np.uint8).reshape(count, -1),
+                                          plain_records(flash_bundle, entry, layer, ids))
+
+
 def test_neighbouring_records_coalesce_into_fewer_reads(flash_bundle, entry):
     ids = np.arange(entry["intermediate_size"])  # 128 records of 128 bytes: 4 pages
     with FlashReader(flash_bundle / FLASH_FILE, entry, max_gap=0) as r:

@@ -160,3 +160,57 @@ def test_dense_misses_make_the_next_layer_read_ahead_whole_and_the_result_is_the
     assert on_demand.weights.reader.stats.records < layers * n
     ahead.close()
     on_demand.close()
+
+
+@pytest.fixture(scope="module")
+def predictor_bundle(tiny_gguf, tmp_path_factory):
+    return ondevice.convert(tiny_gguf, tmp_path_factory.mktemp("flash-pred") / "tiny-pred.bundle", flash=True,
+                            flash_predictor=True, progress=False)
+
+
+def test_threshold_selection_keeps_the_neurons_above_the_layers_calibrated_threshold(flash_bundle, mats):
+    bundle = read_bundle(flash_bundle)
+    table = bundle.manifest["flash"]["selection"]
+    mlp = FlashMlp(bundle, BIG, fraction=0.5, select="threshold", dtype="float32")
+    rng = np.random.default_rng(4)
+    for layer in range(len(mats)):
+        x = rng.standard_normal((1, mats[0][0].shape[1])).astype(np.float32)
+        gate = x @ mats[layer][0].T
+        silu = np.abs(gate / (1 + np.exp(-gate)))
+        want = np.flatnonzero(silu[0] > table["gate_thresholds"][layer][table["fractions"].index(0.5)])
+        np.testing.assert_array_equal(np.sort(mlp.choose(layer, x, gate)[0]), want)
+        np.testing.assert_allclose(mlp(layer, x, gate), reference(mats, layer, x, [want]), rtol=1e-3, atol=1e-4)
+    with pytest.raises(ValueError, match="calibrated for fractions"):
+        FlashMlp(bundle, BIG, fraction=0.6, select="threshold")
+    mlp.close()
+
+
+def test_thresholds_keep_fewer_neurons_for_smaller_fractions(flash_bundle):
+    table = read_bundle(flash_bundle).manifest["flash"]["selection"]
+    assert table["fractions"] == sorted(table["fractions"])
+    for layer in table["gate_thresholds"]:
+        assert layer == sorted(layer, reverse=True)
+
+
+def test_predictor_selection_keeps_the_predictors_top_scores(predictor_bundle, mats):
+    bundle = read_bundle(predictor_bundle)
+    assert {"ffn_predictors.bin", "ffn_predictors.json"} <= set(bundle.manifest["files"])  # checksummed
+    from ondevice.converters.sparsity import load_predictors
+    preds = load_predictors(predictor_bundle)["layers"]
+    mlp = FlashMlp(bundle, BIG, fraction=0.25, select="predictor", dtype="float32")
+    rng = np.random.default_rng(5)
+    for layer in range(len(mats)):
+        x = rng.standard_normal((1, mats[0][0].shape[1])).astype(np.float32)
+        gate = x @ mats[layer][0].T
+        scores = (x @ preds[layer]["a"]) @ preds[layer]["b"] + preds[layer]["c"]
+        want = np.sort(np.argsort(-scores[0], kind="stable")[:mlp.k])
+        np.testing.assert_array_equal(np.sort(mlp.choose(layer, x, gate)[0]), want)
+        np.testing.assert_allclose(mlp(layer, x, gate), reference(mats, layer, x, [want]), rtol=1e-3, atol=1e-4)
+    entry = bundle.manifest["flash"]
+    assert budget_for(entry, 0.25, select="predictor") - budget_for(entry, 0.25) == entry["predictor"]["bytes"]
+    mlp.close()
+
+
+def test_predictor_selection_needs_converted_predictors(flash_bundle):
+    with pytest.raises(BundleError, match="--flash-predictor"):
+        ondevice.load(flash_bundle, dram_budget=BIG, ffn_select="predictor")
