@@ -185,22 +185,20 @@ class FlashMlp:
                                     use_mmap=use_mmap,
                                     reserved_bytes=reserved_bytes(entry, prefetch and not naive, select))
         n = int(entry["intermediate_size"])
-        self.dense_ids = np.arange(n)
-        # per layer: the last token's missing neurons were dense enough to prefetch the whole section
-        self.dense = np.full(self.weights.layers, prefetch and not naive)
-        self.ahead: dict = {}  # layer -> its section being read
-        self.prefetch = prefetch and not naive
-        self.gap_records = 1 + self.weights.reader.max_gap // self.weights.reader.rec
-        self.naive = naive
-        self.streamed: list[bool] = []  # per step: whether it streamed the layers (a prompt) or used the window
-        self._streaming = False
-        n = int(self.weights.entry["intermediate_size"])
         self.fraction, self.k = fraction, max(1, min(n, int(round(fraction * n))))
         if self.k > self.weights.capacity and not naive:
             self.weights.close()
             raise BudgetTooSmallError(
                 f"a DRAM budget of {budget_bytes / 1e6:.1f} MB leaves room for {self.weights.capacity} neurons per "
                 f"layer, but keeping {fraction:.0%} of the FFN needs {self.k}: raise the budget or lower the fraction")
+        self.naive, self.prefetch = naive, prefetch and not naive
+        self.dense_ids = np.arange(n)
+        # per layer: the last token's missing neurons were dense enough to read the whole section ahead
+        self.dense = np.full(self.weights.layers, self.prefetch)
+        self.ahead: dict = {}  # layer -> its section being read
+        self.gap_records = 1 + self.weights.reader.max_gap // self.weights.reader.rec
+        self.streamed: list[bool] = []  # per step: whether it streamed the layers (a prompt) or used the window
+        self._streaming = False
 
     def _decode(self, records: np.ndarray, ids: np.ndarray, tables: dict) -> dict[str, np.ndarray]:
         groups = ids // self.block
