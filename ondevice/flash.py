@@ -9,8 +9,9 @@ entry) holds one fixed-size record per FFN neuron: its gate row, up row and down
   `submit(layer, ids)` returns a future: prefetch layer l+1 while layer l computes.
 - `NeuronWindow` is one layer's preallocated slot buffer: slots [0, n) hold the neurons active in the
   last k tokens, field by field in the record's format (structure of arrays, e.g. gate codes
-  [slots, blocks, 16]); a token loads only its missing neurons; a neuron leaving the window is
-  replaced by the last slot (swap-delete), so slots stay dense and nothing is reallocated.
+  [slots, blocks, 16]) or decoded to rows for computing; a token loads only its missing neurons;
+  a neuron leaving the window is replaced in place by a new one, or by the last slot (swap-delete),
+  so slots stay dense and nothing is reallocated.
 - `FlashWeights` ties them to a DRAM budget: the budget covers the resident weights (everything
   outside the store, from the manifest), the reader's staging buffers, in-flight records and the
   windows; what is left is split evenly across layers. A budget below the fixed part raises
@@ -303,11 +304,11 @@ class _Gather(Future):
 
 
 class NeuronWindow:
-    """One layer's DRAM window: `capacity` preallocated slots, each holding one neuron's record fields.
+    """One layer's DRAM window: `capacity` preallocated slots, each holding one neuron's fields.
 
     slot -> neuron in `neuron_of[:used]`, neuron -> slot in `slot_of` (-1 when absent); `last_active`
     is the token at which each slot's neuron was last active. Slots [0, used) are always the resident
-    neurons (dense); eviction moves the last slot into the freed one.
+    neurons (dense); an evicted neuron's slot takes a new neuron, or else the last slot's.
     """
 
     def __init__(self, dtype: np.dtype, capacity: int, n_neurons: int, window_tokens: int = 5):
