@@ -27,6 +27,19 @@ class QTensor:
         """Rows are independent blocks, so selecting or permuting them is lossless."""
         return QTensor(self.kind, (len(index), self.shape[1]), self.blocks[index], self.type_id)
 
+    @property
+    def block_size(self) -> int:
+        """Values per quantization block along a row."""
+        from gguf import GGML_QUANT_SIZES
+
+        return GGML_QUANT_SIZES[self.type_id][0]
+
+    def take_column_blocks(self, index: np.ndarray) -> "QTensor":
+        """Whole blocks of block_size columns, by block index: lossless like take_rows."""
+        per_block = self.blocks.shape[1] // (self.shape[1] // self.block_size)
+        cols = (np.asarray(index, np.int64)[:, None] * per_block + np.arange(per_block)).reshape(-1)
+        return QTensor(self.kind, (self.shape[0], len(index) * self.block_size), self.blocks[:, cols], self.type_id)
+
 
 Weight = np.ndarray | QTensor
 

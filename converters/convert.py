@@ -17,7 +17,7 @@ from ondevice.converters.canonical import Checkpoint
 from ondevice.converters.export_onnx import GraphBuilder
 from ondevice.converters.quantize import QuantSpec
 from ondevice.converters.sources import read_source, resolve_source
-from ondevice.converters.trim import DEFAULT_VOCAB, Draft, make_draft
+from ondevice.converters.trim import DEFAULT_VOCAB, Draft, make_draft, trim_model
 from ondevice.errors import SourceFormatError, TokenizerMismatchError
 
 CONVERTER_VERSION = "0.1.0"
@@ -33,7 +33,8 @@ def convert(source: str | Path, out: str | Path, *, quant: str = "q4", block_siz
             symmetric: bool = False, max_context: int | None = None, compute: str = "float",
             draft_of: str | Path | None = None, draft_layers: int | None = None, draft_vocab: int | None = None,
             split_prefill: int | bool | None = None, int8_prefill: bool | str | dict = False, force: bool = False,
-            progress: bool = True, flash: bool | str = False, flash_predictor: bool = False) -> Path:
+            progress: bool = True, flash: bool | str = False, flash_predictor: bool = False,
+            trim_layers: int | None = None, trim_ffn: int | None = None) -> Path:
     """Convert a GGUF file or Hugging Face folder (or a model alias) into an ONNX bundle at `out`.
 
     compute: "float" (exact: greedy output equals a float reference on the same weights) or "int8"
@@ -58,6 +59,8 @@ def convert(source: str | Path, out: str | Path, *, quant: str = "q4", block_siz
     flash_predictor: with flash, also train LLM in a flash's low-rank neuron predictor per layer on
     the calibration text (converters/sparsity.py; about a minute for SmolLM2) for load(ffn_select=
     "predictor").
+    trim_layers / trim_ffn: the trimming pass before any exporter (converters/trim.py): keep that many
+    decoder layers (chosen on calibration text) / FFN neurons per layer (whole 32-neuron groups).
     """
     if compute not in COMPUTE_ACCURACY_LEVEL:
         raise ValueError(f"compute must be one of {', '.join(COMPUTE_ACCURACY_LEVEL)}, not {compute!r}")
@@ -76,17 +79,20 @@ def convert(source: str | Path, out: str | Path, *, quant: str = "q4", block_siz
     flash = "q4" if flash is True else (flash or None)
     if flash is not None and flash not in ("q4", "fp16"):
         raise ValueError(f"flash must be True, 'q4' or 'fp16', not {flash!r}")
+    if any(n is not None and n < 1 for n in (trim_layers, trim_ffn)):
+        raise ValueError("trim_layers and trim_ffn must be positive")
+    trim = {k: v for k, v in (("layers", trim_layers), ("ffn", trim_ffn)) if v is not None}
     if flash_predictor and flash is None:
         raise ValueError("flash_predictor trains the neuron predictor of a flash store: it needs flash")
     with tqdm(total=4 + bool(draft) + (int8_opts is not None), desc="convert", disable=not progress,
               unit="step") as steps:
         return _convert(source, out, spec, max_context, compute, force, steps, started, draft, split, int8_opts,
-                        flash, flash_predictor)
+                        flash, flash_predictor, trim)
 
 
 def _convert(source, out, spec: QuantSpec, max_context, compute, force, steps, started, draft_opts,
              split_chunk: int | None = None, int8_opts: dict | None = None, flash: str | None = None,
-             flash_predictor: bool = False) -> Path:
+             flash_predictor: bool = False, trim: dict | None = None) -> Path:
     quant = spec.mode
     accuracy_level = COMPUTE_ACCURACY_LEVEL[compute]
     path = resolve_source(source)
@@ -98,6 +104,10 @@ def _convert(source, out, spec: QuantSpec, max_context, compute, force, steps, s
     cfg = (arch.config_from_gguf if fmt == "gguf" else arch.config_from_hf)(ckpt.metadata, ckpt.weights)
     weights = (arch.canonical_from_gguf if fmt == "gguf" else arch.canonical_from_hf)(ckpt.weights, cfg)
     context = min(max_context or cfg.max_context, cfg.max_context)
+    trim_record = None
+    if trim:
+        steps.set_postfix_str("trimming")
+        weights, cfg, trim_record = trim_model(weights, cfg, ckpt.tokenizer_json, **trim)
     steps.update()
     draft: Draft | None = None
     if draft_opts:
@@ -180,6 +190,8 @@ def _convert(source, out, spec: QuantSpec, max_context, compute, force, steps, s
             if draft.vocab_map is not None:
                 draft.vocab_map.astype("<i4").tofile(tmp / VOCAB_MAP)
                 manifest["vocab_map"] = {"file": VOCAB_MAP, "size": len(draft.vocab_map)}
+        if trim_record is not None:
+            manifest["trim"] = trim_record
         manifest["conversion_seconds"] = round(time.perf_counter() - started, 2)
         write_manifest(tmp, manifest)
         steps.update()

@@ -45,6 +45,38 @@ def take_rows(w: Weight, rows: np.ndarray) -> Weight:
     return w.take_rows(rows) if isinstance(w, QTensor) else np.ascontiguousarray(np.asarray(w)[rows])
 
 
+def take_columns(w: Weight, cols: np.ndarray) -> Weight:
+    """Columns `cols` of w [out, in]: whole quantization blocks stay quantized (lossless); otherwise
+    the float values (a later quantization then re-quantizes them)."""
+    cols = np.asarray(cols, np.int64)
+    if isinstance(w, QTensor):
+        b = w.block_size
+        starts = cols[::b]
+        if len(cols) % b == 0 and (starts % b == 0).all() and (cols == (starts[:, None] + np.arange(b)).reshape(-1)).all():
+            return w.take_column_blocks(starts // b)
+        w = w.dequantize()
+    return np.ascontiguousarray(np.asarray(w)[:, cols])
+
+
+def trim_ffn(weights: dict[str, Weight], cfg, keep: list[np.ndarray]) -> tuple[dict[str, Weight], object]:
+    """Keep FFN neurons keep[i] (the same count in every layer) of layer i: their gate and up rows
+    and down columns. The config's intermediate_size follows."""
+    sizes = {len(k) for k in keep}
+    if len(keep) != cfg.num_layers or len(sizes) != 1 or not 0 < min(sizes) <= cfg.intermediate_size:
+        raise ValueError(f"keep the same number (1..{cfg.intermediate_size}) of FFN neurons in each of the "
+                         f"{cfg.num_layers} layers")
+    out = dict(weights)
+    for i, ids in enumerate(keep):
+        ids = np.sort(np.asarray(ids, np.int64))
+        if len(np.unique(ids)) != len(ids) or ids.min() < 0 or ids.max() >= cfg.intermediate_size:
+            raise ValueError(f"layer {i}: FFN neurons to keep must be distinct ids in 0..{cfg.intermediate_size - 1}")
+        p = f"model.layers.{i}.mlp."
+        out[p + "gate_proj.weight"] = take_rows(weights[p + "gate_proj.weight"], ids)
+        out[p + "up_proj.weight"] = take_rows(weights[p + "up_proj.weight"], ids)
+        out[p + "down_proj.weight"] = take_columns(weights[p + "down_proj.weight"], ids)
+    return out, dataclasses.replace(cfg, intermediate_size=len(keep[0]))
+
+
 def trim_vocab_head(weights: dict[str, Weight], cfg, keep_ids: np.ndarray) -> tuple[dict[str, Weight], object]:
     """The LM head keeps only rows keep_ids: logit j of the trimmed model is logit keep_ids[j] of the
     full one. A head tied to the embedding becomes a separate `lm_head.weight` of those rows; the
@@ -67,6 +99,29 @@ def choose_layers(scores: np.ndarray, n: int, keep_ends: bool = True) -> list[in
     forced = {0, count - 1} if keep_ends and n >= 2 else set()
     rest = [int(i) for i in np.argsort(-np.asarray(scores), kind="stable") if i not in forced]
     return sorted(forced | set(rest[:n - len(forced)]))
+
+
+def ffn_importance(weights: dict[str, Weight], cfg, ids: np.ndarray) -> list[np.ndarray]:
+    """Per layer, each FFN neuron's mean contribution on the calibration windows ids [B, T]:
+    mean |h_j| times the norm of its down column (what leaving it out removes from the output)."""
+    from ondevice.converters import sparsity
+
+    scores = []
+    for i, x in enumerate(sparsity.ffn_inputs(weights, cfg, ids)):
+        gate, up, down = sparsity.ffn_weights(weights, i)
+        scores.append(np.abs(sparsity.gated_activation(x, gate, up)).mean(0) * np.linalg.norm(down, axis=0))
+    return scores
+
+
+def choose_ffn(scores: list[np.ndarray], n: int, group: int = 32) -> list[np.ndarray]:
+    """Per layer, the n neurons (rounded up to whole groups of `group`, so that 4-bit blocks of the down
+    projection stay whole) in the groups with the highest total score, in id order."""
+    inter = len(scores[0])
+    groups = min(inter // group, -(-n // group)) if inter % group == 0 else None
+    if groups is None:
+        return [np.sort(np.argsort(-s, kind="stable")[:n]) for s in scores]
+    best = [np.sort(np.argsort(-s.reshape(-1, group).sum(1), kind="stable")[:groups]) for s in scores]
+    return [(b[:, None] * group + np.arange(group)).reshape(-1) for b in best]
 
 
 def always_kept_ids(tokenizer_json: str, special_ids: list[int]) -> list[int]:
@@ -131,3 +186,26 @@ def make_draft(weights: dict[str, Weight], cfg, tokenizer_json: str, special_ids
     if vocab_map is not None:
         record["text_tokens_in_vocab"] = round(float(np.isin(used, vocab_map).mean()), 4)
     return Draft(weights, cfg, keep, [round(float(s), 6) for s in scores], vocab_map, record)
+
+
+def trim_model(weights: dict[str, Weight], cfg, tokenizer_json: str, layers: int | None = None,
+               ffn: int | None = None, text: str | None = None) -> tuple[dict[str, Weight], object, dict]:
+    """The converter's trimming pass, before any exporter: keep `layers` decoder layers (the ones that
+    change the hidden state most on calibration text, first and last always) and `ffn` neurons per
+    layer (the largest mean contributions, in whole 32-neuron groups). Returns the trimmed weights,
+    config and the manifest's record of what was kept."""
+    text = calibrate.calibration_text() if text is None else text
+    ids, _ = calibrate.token_counts(tokenizer_json, text)
+    batch = calibrate.windows(ids, CALIBRATION_WINDOW, CALIBRATION_TOKENS)
+    record: dict = {"calibration_tokens": int(batch.size)}
+    if layers is not None and layers < cfg.num_layers:
+        scores = calibrate.layer_scores(weights, cfg, batch)
+        keep = choose_layers(scores, layers)
+        weights, cfg = drop_layers(weights, cfg, keep)
+        record.update(layers_kept=keep, layer_scores=[round(float(s), 6) for s in scores])
+    if ffn is not None and ffn < cfg.intermediate_size:
+        keep_ffn = choose_ffn(ffn_importance(weights, cfg, batch), ffn)
+        weights, cfg = trim_ffn(weights, cfg, keep_ffn)
+        record.update(ffn_neurons=cfg.intermediate_size, ffn_criterion="mean |h| x |down column|, 32-neuron groups",
+                      ffn_kept=[k.tolist() for k in keep_ffn])
+    return weights, cfg, record

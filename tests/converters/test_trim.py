@@ -49,6 +49,19 @@ def tiny_config(**changes) -> llama.LlamaConfig:
     return dataclasses.replace(cfg, **changes)
 
 
+def only_layers(state: dict, kept: list[int]) -> dict:
+    """A reference state dict with only layers `kept`, renumbered in order."""
+    renamed = {}
+    for name, w in state.items():
+        parts = name.split(".")
+        if parts[1] == "layers":
+            if int(parts[2]) not in kept:
+                continue
+            parts[2] = str(kept.index(int(parts[2])))
+        renamed[".".join(parts)] = w
+    return renamed
+
+
 def bundle_logits(path, ids) -> np.ndarray:
     """All-position logits of a bundle (a vocab-trimmed draft's: one per kept row)."""
     return ondevice.load(path, threads=1).backend.forward(ids, 0, all_logits=True)
@@ -175,14 +188,7 @@ def test_a_draft_without_some_layers_computes_what_the_reference_without_them_co
     assert kept == trim.choose_layers(np.array(scores), 2)
 
     state, params = gguf_state_dict(deep_gguf)
-    renamed = {}
-    for name, w in state.items():
-        parts = name.split(".")
-        if parts[1] == "layers":
-            if int(parts[2]) not in kept:
-                continue
-            parts[2] = str(kept.index(int(parts[2])))
-        renamed[".".join(parts)] = w
+    renamed = only_layers(state, kept)
     ref = reference_model_from_state(renamed, dict(params, num_hidden_layers=2))
     np.testing.assert_allclose(bundle_logits(draft, PROMPT), reference_logits(ref, PROMPT), atol=1e-3)
 
@@ -252,3 +258,62 @@ def test_calibration_finds_a_planted_outlier_channel_in_the_linear_inputs(tiny_g
     outliers = calibrate.outlier_channels(ranges)
     assert 5 in outliers["model.layers.0.self_attn.q_proj"]
     assert 5 in outliers["model.layers.0.self_attn.k_proj"]
+
+
+# --- the trimming pass of a regular conversion (--trim-layers, --trim-ffn) --------------------------
+
+def test_whole_column_blocks_of_gguf_weights_are_taken_without_requantization(deep_gguf):
+    weights, _ = canonical_weights(deep_gguf)
+    down = weights["model.layers.0.mlp.down_proj.weight"]
+    assert isinstance(down, QTensor) and down.block_size == 32
+    cols = np.r_[64:96, 0:32]
+    taken = trim.take_columns(down, cols)
+    assert isinstance(taken, QTensor)
+    np.testing.assert_array_equal(taken.dequantize(), down.dequantize()[:, cols])
+    loose = trim.take_columns(down, np.array([5, 7, 40]))  # not whole blocks: the float values
+    np.testing.assert_array_equal(loose, down.dequantize()[:, [5, 7, 40]])
+
+
+def test_ffn_groups_with_the_largest_total_contribution_stay():
+    scores = [np.r_[np.full(32, 1.0), np.full(32, 3.0), np.full(32, 2.0)], np.r_[np.full(32, 5.0), np.zeros(64)]]
+    kept = trim.choose_ffn(scores, 40)  # rounded up to 2 whole groups
+    np.testing.assert_array_equal(kept[0], np.r_[32:96])
+    np.testing.assert_array_equal(kept[1], np.r_[0:64])
+
+
+def test_a_bundle_with_fewer_ffn_neurons_computes_what_the_reference_with_those_neurons_computes(deep_gguf, tmp_path):
+    out = ondevice.convert(deep_gguf, tmp_path / "ffn.bundle", trim_ffn=64, progress=False)
+    manifest = read_bundle(out).manifest
+    record = manifest["trim"]
+    assert manifest["config"]["intermediate_size"] == 64 == record["ffn_neurons"]
+    state, params = gguf_state_dict(deep_gguf)
+    for i, kept in enumerate(record["ffn_kept"]):
+        p = f"model.layers.{i}.mlp."
+        for name in ("gate_proj", "up_proj"):
+            state[p + name + ".weight"] = state[p + name + ".weight"][kept]
+        state[p + "down_proj.weight"] = state[p + "down_proj.weight"][:, kept]
+    ref = reference_model_from_state(state, dict(params, intermediate_size=64))
+    np.testing.assert_allclose(bundle_logits(out, PROMPT), reference_logits(ref, PROMPT), atol=1e-3)
+
+
+def test_a_bundle_with_fewer_layers_records_which_and_runs_them(deep_gguf, tmp_path):
+    out = ondevice.convert(deep_gguf, tmp_path / "layers.bundle", trim_layers=3, progress=False)
+    manifest = read_bundle(out).manifest
+    kept = manifest["trim"]["layers_kept"]
+    assert manifest["config"]["num_layers"] == 3 and kept[0] == 0 and kept[-1] == N_LAYERS - 1
+    assert kept == trim.choose_layers(np.array(manifest["trim"]["layer_scores"]), 3)
+    state, params = gguf_state_dict(deep_gguf)
+    renamed = only_layers(state, kept)
+    ref = reference_model_from_state(renamed, dict(params, num_hidden_layers=3))
+    np.testing.assert_allclose(bundle_logits(out, PROMPT), reference_logits(ref, PROMPT), atol=1e-3)
+
+
+def test_trimming_on_the_command_line_and_in_inspect(deep_gguf, tmp_path, capsys):
+    from ondevice.cli import main
+
+    assert main(["convert", str(deep_gguf), str(tmp_path / "t.bundle"), "--trim-layers", "2", "--trim-ffn", "32",
+                 "--quiet"]) == 0
+    assert main(["inspect", str(tmp_path / "t.bundle")]) == 0
+    assert "32 FFN neurons per layer" in capsys.readouterr().out
+    with pytest.raises(ValueError, match="positive"):
+        ondevice.convert(deep_gguf, tmp_path / "bad.bundle", trim_ffn=0, progress=False)
