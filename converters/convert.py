@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import time
 from pathlib import Path
@@ -10,14 +11,14 @@ import numpy as np
 from tokenizers import Tokenizer
 from tqdm import tqdm
 
-from ondevice.bundle import MANIFEST, VOCAB_MAP, atomic_bundle_dir, read_bundle, sha256_file, write_manifest
+from ondevice.bundle import MANIFEST, ORIGINAL_IDS, VOCAB_MAP, atomic_bundle_dir, read_bundle, sha256_file, write_manifest
 from ondevice.converters import int8_prefill as int8
 from ondevice.converters.arch import get_architecture
 from ondevice.converters.canonical import Checkpoint
 from ondevice.converters.export_onnx import GraphBuilder
 from ondevice.converters.quantize import QuantSpec
 from ondevice.converters.sources import read_source, resolve_source
-from ondevice.converters.trim import DEFAULT_VOCAB, Draft, make_draft, trim_model
+from ondevice.converters.trim import DEFAULT_VOCAB, Draft, make_draft, trim_model, trim_vocab
 from ondevice.errors import SourceFormatError, TokenizerMismatchError
 
 CONVERTER_VERSION = "0.1.0"
@@ -34,7 +35,7 @@ def convert(source: str | Path, out: str | Path, *, quant: str = "q4", block_siz
             draft_of: str | Path | None = None, draft_layers: int | None = None, draft_vocab: int | None = None,
             split_prefill: int | bool | None = None, int8_prefill: bool | str | dict = False, force: bool = False,
             progress: bool = True, flash: bool | str = False, flash_predictor: bool = False,
-            trim_layers: int | None = None, trim_ffn: int | None = None) -> Path:
+            trim_layers: int | None = None, trim_ffn: int | None = None, trim_vocab: int | None = None) -> Path:
     """Convert a GGUF file or Hugging Face folder (or a model alias) into an ONNX bundle at `out`.
 
     compute: "float" (exact: greedy output equals a float reference on the same weights) or "int8"
@@ -61,6 +62,8 @@ def convert(source: str | Path, out: str | Path, *, quant: str = "q4", block_siz
     "predictor").
     trim_layers / trim_ffn: the trimming pass before any exporter (converters/trim.py): keep that many
     decoder layers (chosen on calibration text) / FFN neurons per layer (whole 32-neuron groups).
+    trim_vocab: keep that many tokens (embedding and head rows, and the tokenizer itself, renumbered;
+    the original ids of the kept tokens are stored in the bundle).
     """
     if compute not in COMPUTE_ACCURACY_LEVEL:
         raise ValueError(f"compute must be one of {', '.join(COMPUTE_ACCURACY_LEVEL)}, not {compute!r}")
@@ -79,9 +82,9 @@ def convert(source: str | Path, out: str | Path, *, quant: str = "q4", block_siz
     flash = "q4" if flash is True else (flash or None)
     if flash is not None and flash not in ("q4", "fp16"):
         raise ValueError(f"flash must be True, 'q4' or 'fp16', not {flash!r}")
-    if any(n is not None and n < 1 for n in (trim_layers, trim_ffn)):
-        raise ValueError("trim_layers and trim_ffn must be positive")
-    trim = {k: v for k, v in (("layers", trim_layers), ("ffn", trim_ffn)) if v is not None}
+    if any(n is not None and n < 1 for n in (trim_layers, trim_ffn, trim_vocab)):
+        raise ValueError("trim_layers, trim_ffn and trim_vocab must be positive")
+    trim = {k: v for k, v in (("layers", trim_layers), ("ffn", trim_ffn), ("vocab", trim_vocab)) if v is not None}
     if flash_predictor and flash is None:
         raise ValueError("flash_predictor trains the neuron predictor of a flash store: it needs flash")
     with tqdm(total=4 + bool(draft) + (int8_opts is not None), desc="convert", disable=not progress,
@@ -104,10 +107,15 @@ def _convert(source, out, spec: QuantSpec, max_context, compute, force, steps, s
     cfg = (arch.config_from_gguf if fmt == "gguf" else arch.config_from_hf)(ckpt.metadata, ckpt.weights)
     weights = (arch.canonical_from_gguf if fmt == "gguf" else arch.canonical_from_hf)(ckpt.weights, cfg)
     context = min(max_context or cfg.max_context, cfg.max_context)
-    trim_record = None
+    trim_record, original_ids = None, None
     if trim:
         steps.set_postfix_str("trimming")
+        trim = dict(trim)
+        vocab = trim.pop("vocab", None)
         weights, cfg, trim_record = trim_model(weights, cfg, ckpt.tokenizer_json, **trim)
+        if vocab is not None and vocab < cfg.vocab_size:
+            ckpt, weights, cfg, original_ids = _trim_vocab(ckpt, weights, cfg, vocab)
+            trim_record.update(vocab_size=cfg.vocab_size, original_ids=ORIGINAL_IDS)
     steps.update()
     draft: Draft | None = None
     if draft_opts:
@@ -192,10 +200,23 @@ def _convert(source, out, spec: QuantSpec, max_context, compute, force, steps, s
                 manifest["vocab_map"] = {"file": VOCAB_MAP, "size": len(draft.vocab_map)}
         if trim_record is not None:
             manifest["trim"] = trim_record
+        if original_ids is not None:
+            original_ids.astype("<i4").tofile(tmp / ORIGINAL_IDS)
         manifest["conversion_seconds"] = round(time.perf_counter() - started, 2)
         write_manifest(tmp, manifest)
         steps.update()
     return Path(out)
+
+
+def _trim_vocab(ckpt: Checkpoint, weights, cfg, size: int):
+    """Keep `size` tokens: the tokenizer, its special ids, the embedding and head rows, renumbered."""
+    special = _special_ids(ckpt)
+    weights, cfg, tokenizer_json, keep = trim_vocab(weights, cfg, ckpt.tokenizer_json,
+                                                    [special["bos_token_id"], *special["eos_token_ids"]], size)
+    new_id = {int(old): new for new, old in enumerate(keep)}
+    tokens = {k: (new_id.get(v) if k.endswith("_token_id") and isinstance(v, int) else v)
+              for k, v in ckpt.special_tokens.items()}
+    return dataclasses.replace(ckpt, tokenizer_json=tokenizer_json, special_tokens=tokens), weights, cfg, keep
 
 
 def _flash_graphs(arch, cfg, weights, spec, context, accuracy_level, folder, graph_file) -> tuple[dict, int]:

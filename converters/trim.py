@@ -9,6 +9,7 @@ re-quantized.
 from __future__ import annotations
 
 import dataclasses
+import json
 import re
 from dataclasses import dataclass, field
 
@@ -17,6 +18,7 @@ from tokenizers import Tokenizer
 
 from ondevice.converters import calibrate
 from ondevice.converters.canonical import QTensor, Weight
+from ondevice.errors import UnsupportedArchitectureError
 
 _LAYER = re.compile(r"model\.layers\.(\d+)\.(.+)")
 _BYTE_FALLBACK = re.compile(r"<0x[0-9A-Fa-f]{2}>")
@@ -193,7 +195,8 @@ def trim_model(weights: dict[str, Weight], cfg, tokenizer_json: str, layers: int
     """The converter's trimming pass, before any exporter: keep `layers` decoder layers (the ones that
     change the hidden state most on calibration text, first and last always) and `ffn` neurons per
     layer (the largest mean contributions, in whole 32-neuron groups). Returns the trimmed weights,
-    config and the manifest's record of what was kept."""
+    config and the manifest's record of what was kept. (Vocabulary trimming changes the tokenizer
+    too: `trim_vocab`.)"""
     text = calibrate.calibration_text() if text is None else text
     ids, _ = calibrate.token_counts(tokenizer_json, text)
     batch = calibrate.windows(ids, CALIBRATION_WINDOW, CALIBRATION_TOKENS)
@@ -209,3 +212,86 @@ def trim_model(weights: dict[str, Weight], cfg, tokenizer_json: str, layers: int
         record.update(ffn_neurons=cfg.intermediate_size, ffn_criterion="mean |h| x |down column|, 32-neuron groups",
                       ffn_kept=[k.tolist() for k in keep_ffn])
     return weights, cfg, record
+
+
+# --- vocabulary trimming of a regular conversion: tokenizer, embedding and head together -------------
+
+def closed_vocab(tokenizer_json: str, priority: list[int], size: int, always: list[int]) -> np.ndarray:
+    """`size` token ids (sorted): `always`, then tokens in `priority` order, each with the tokens its
+    BPE merges are built from (a kept token whose parts were dropped could never be produced)."""
+    model = json.loads(tokenizer_json)["model"]
+    if model.get("type") != "BPE":
+        raise UnsupportedArchitectureError(f"vocabulary trimming needs a BPE tokenizer, not {model.get('type')}")
+    vocab = model["vocab"]
+    parts: dict[int, tuple[int, int]] = {}
+    for m in model["merges"]:
+        a, b = _pair(m)
+        if a in vocab and b in vocab and a + b in vocab:
+            parts.setdefault(vocab[a + b], (vocab[a], vocab[b]))
+    kept: set[int] = set()
+
+    def closure(i: int) -> set[int]:
+        todo, out = [i], set()
+        while todo:
+            j = todo.pop()
+            if j not in kept and j not in out:
+                out.add(j)
+                todo.extend(parts.get(j, ()))
+        return out
+
+    for i in always:
+        kept |= closure(i)
+    if len(kept) > size:
+        raise ValueError(f"a vocabulary of {size} cannot hold the {len(kept)} special, byte and single-character "
+                         "tokens every trimmed model keeps; use a larger one")
+    for i in priority:
+        new = closure(i)
+        if len(kept) + len(new) <= size:
+            kept |= new
+        if len(kept) == size:
+            break
+    return np.asarray(sorted(kept), np.int64)
+
+
+def _pair(merge) -> list[str]:
+    """A BPE merge as [left, right]: tokenizers writes "a b" strings or [a, b] pairs."""
+    return merge.split(" ", 1) if isinstance(merge, str) else list(merge)
+
+
+def trim_tokenizer(tokenizer_json: str, keep_ids: np.ndarray) -> str:
+    """The tokenizer with only tokens keep_ids, renumbered 0.. in that order: merges producing or
+    using a dropped token go, so encoding never yields one; special-token ids in the post-processor
+    follow."""
+    data = json.loads(tokenizer_json)
+    new_id = {int(old): new for new, old in enumerate(keep_ids)}
+    model = data["model"]
+    model["vocab"] = {t: new_id[i] for t, i in model["vocab"].items() if i in new_id}
+    kept = model["vocab"]
+    model["merges"] = [m for m in model["merges"] if all(t in kept for t in (*_pair(m), "".join(_pair(m))))]
+    data["added_tokens"] = [dict(t, id=new_id[t["id"]]) for t in data.get("added_tokens", []) if t["id"] in new_id]
+
+    def remap(node):
+        if isinstance(node, dict):
+            return {k: ([new_id[i] for i in v] if k == "ids" and isinstance(v, list) else remap(v))
+                    for k, v in node.items()}
+        return [remap(v) for v in node] if isinstance(node, list) else node
+
+    data["post_processor"] = remap(data.get("post_processor"))
+    return json.dumps(data, ensure_ascii=False)
+
+
+def trim_vocab(weights: dict[str, Weight], cfg, tokenizer_json: str, special_ids: list[int], size: int,
+               text: str | None = None) -> tuple[dict[str, Weight], object, str, np.ndarray]:
+    """Keep `size` tokens: the specials, every byte and single-character token, then the most frequent
+    on calibration text, then the earliest merges (lowest ids), closed under their BPE parts. The
+    embedding (and a tied or separate LM head) keeps those rows, the tokenizer only those tokens,
+    renumbered. Returns weights, config, tokenizer JSON and new id -> original id."""
+    _, counts = calibrate.token_counts(tokenizer_json, calibrate.calibration_text() if text is None else text)
+    counts = np.pad(counts, (0, max(0, cfg.vocab_size - len(counts))))[:cfg.vocab_size]
+    priority = np.lexsort((np.arange(len(counts)), -counts)).tolist()
+    keep = closed_vocab(tokenizer_json, priority, min(size, cfg.vocab_size),
+                        always_kept_ids(tokenizer_json, special_ids))
+    out = dict(weights, **{"model.embed_tokens.weight": take_rows(weights["model.embed_tokens.weight"], keep)})
+    if not cfg.tie_embeddings:
+        out["lm_head.weight"] = take_rows(weights["lm_head.weight"], keep)
+    return out, dataclasses.replace(cfg, vocab_size=len(keep)), trim_tokenizer(tokenizer_json, keep), keep

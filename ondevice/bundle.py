@@ -25,6 +25,7 @@ FORMAT = "ondevice-bundle"
 FORMAT_VERSION = 1
 MANIFEST = "manifest.json"
 VOCAB_MAP = "vocab_map.i32"  # a draft's logit column -> token id, raw little-endian int32
+ORIGINAL_IDS = "original_ids.i32"  # a vocabulary-trimmed bundle: token id -> id in the source model
 
 
 @dataclass
@@ -150,6 +151,8 @@ def verify_checksums(bundle: Bundle) -> None:
 def _referenced_files(manifest: dict) -> list[str]:
     vocab_map = manifest.get("vocab_map")
     names = [manifest.get("tokenizer", {}).get("file"), vocab_map.get("file") if isinstance(vocab_map, dict) else None]
+    trimmed = manifest.get("trim")
+    names.append(trimmed.get("original_ids") if isinstance(trimmed, dict) else None)
     flash = manifest.get("flash")
     if isinstance(flash, dict):  # converters/flash.py: the FFN store; converters/sparsity.py: predictors
         predictor = flash.get("predictor")

@@ -38,7 +38,8 @@ def cmd_convert(args) -> int:
                   draft_of=args.draft_of, draft_layers=args.draft_layers, draft_vocab=args.draft_vocab,
                   split_prefill=args.split_prefill, int8_prefill=args.int8_prefill or False,
                   force=args.force, progress=not args.quiet, flash=args.flash or False,
-                  flash_predictor=args.flash_predictor, trim_layers=args.trim_layers, trim_ffn=args.trim_ffn)
+                  flash_predictor=args.flash_predictor, trim_layers=args.trim_layers, trim_ffn=args.trim_ffn,
+                  trim_vocab=args.trim_vocab)
     size = sum(p.stat().st_size for p in Path(out).iterdir()) / 1e6
     print(f"wrote {out} ({size:.1f} MB) in {time.perf_counter() - t:.1f} s", file=sys.stderr)
     return 0
@@ -242,7 +243,8 @@ def cmd_inspect(args) -> int:
         t = m["trim"]
         print("trimmed       " + "; ".join(
             ([f"layers {t['layers_kept']}"] if "layers_kept" in t else [])
-            + ([f"{t['ffn_neurons']} FFN neurons per layer"] if "ffn_neurons" in t else [])))
+            + ([f"{t['ffn_neurons']} FFN neurons per layer"] if "ffn_neurons" in t else [])
+            + ([f"{t['vocab_size']} tokens (original ids in {t['original_ids']})"] if "vocab_size" in t else [])))
     print(f"source        {m['source'].get('format')} {m['source'].get('file') or m['source'].get('folder')}")
     if "draft" in m:
         d = m["draft"]
@@ -316,6 +318,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="keep N decoder layers (those that change the hidden state most on calibration text)")
     c.add_argument("--trim-ffn", type=int, default=None, metavar="N",
                    help="keep N FFN neurons per layer (largest mean contribution, whole 32-neuron groups)")
+    c.add_argument("--trim-vocab", type=int, default=None, metavar="V",
+                   help="keep V tokens (frequent ones, closed under their merges): tokenizer, embedding and head")
     c.add_argument("--force", action="store_true", help="overwrite an existing bundle")
     c.add_argument("--quiet", action="store_true", help="no progress bar")
     c.set_defaults(func=cmd_convert)

@@ -14,13 +14,14 @@ import pytest
 import torch
 from models import (BOS_ID, EOS_ID, SPECIAL_TOKENS, canonical_weights, gguf_state_dict, reference_logits,
                     reference_model_from_state, tiny_llama_weights, tiny_tokenizer, write_tiny_llama_gguf)
+from tokenizers import Tokenizer
 
 import ondevice
 from ondevice.bundle import MANIFEST, VOCAB_MAP, read_bundle
 from ondevice.converters import calibrate, trim
 from ondevice.converters.arch import llama
 from ondevice.converters.canonical import QTensor
-from ondevice.errors import TokenizerMismatchError
+from ondevice.errors import TokenizerMismatchError, UnsupportedArchitectureError
 
 PROMPT = [1, 40, 72, 100, 105, 32, 119, 111, 114, 108, 100, 33, 200, 7, 260, 300]
 N_LAYERS = 4
@@ -317,3 +318,57 @@ def test_trimming_on_the_command_line_and_in_inspect(deep_gguf, tmp_path, capsys
     assert "32 FFN neurons per layer" in capsys.readouterr().out
     with pytest.raises(ValueError, match="positive"):
         ondevice.convert(deep_gguf, tmp_path / "bad.bundle", trim_ffn=0, progress=False)
+
+
+# --- vocabulary trimming: tokenizer, embedding and head together (--trim-vocab) --------------------
+
+TEXT = "Hello world! The quick brown fox jumps over the lazy dog. 12 + 30 = 42\n\tdef f(x): return x"
+
+
+def test_a_trimmed_tokenizer_only_yields_kept_tokens_and_still_round_trips_text():
+    full = tiny_tokenizer()
+    always = trim.always_kept_ids(full.to_str(), [BOS_ID, EOS_ID])
+    keep = trim.closed_vocab(full.to_str(), list(range(full.get_vocab_size() - 1, 0, -1)), 290, always)
+    small = Tokenizer.from_str(trim.trim_tokenizer(full.to_str(), keep))
+    assert small.get_vocab_size() == len(keep) == 290
+    ids = small.encode(TEXT).ids
+    assert max(ids) < 290 and small.decode(ids) == full.decode(full.encode(TEXT).ids)
+    # the same token strings as the full tokenizer where it used only kept tokens
+    for t, i in small.get_vocab().items():
+        assert full.token_to_id(t) == keep[i]
+
+
+def test_a_kept_token_keeps_the_tokens_its_merges_are_built_from():
+    full = tiny_tokenizer()
+    model = json.loads(full.to_str())["model"]
+    merges = [m.split(" ") if isinstance(m, str) else m for m in model["merges"]]
+    last = model["vocab"][merges[-1][0] + merges[-1][1]]
+    keep = set(trim.closed_vocab(full.to_str(), [last], 300, []).tolist())
+    todo = [last]
+    while todo:  # every ancestor of the last merge is kept
+        t = todo.pop()
+        assert t in keep
+        for a, b in merges:
+            if model["vocab"].get(a + b) == t:
+                todo += [model["vocab"][a], model["vocab"][b]]
+
+
+def test_a_vocab_trimmed_bundle_gives_the_full_models_logits_at_the_kept_tokens(deep_gguf, deep_target, tmp_path):
+    out = ondevice.convert(deep_gguf, tmp_path / "v.bundle", trim_vocab=300, progress=False)
+    bundle = read_bundle(out)
+    original = np.fromfile(out / bundle.manifest["trim"]["original_ids"], "<i4")
+    assert bundle.manifest["config"]["vocab_size"] == 300 == len(original)
+    assert bundle.manifest["trim"]["original_ids"] in bundle.manifest["files"]  # checksummed
+    new_of = {int(o): n for n, o in enumerate(original)}
+    prompt = [i for i in PROMPT if i in new_of]
+    full = bundle_logits(deep_target, prompt)
+    small = bundle_logits(out, [new_of[i] for i in prompt])
+    np.testing.assert_allclose(small, full[:, original], atol=1e-4)
+    assert bundle.manifest["tokenizer"]["eos_token_ids"][0] == new_of[EOS_ID]
+
+
+def test_vocabulary_trimming_needs_a_bpe_tokenizer():
+    data = json.loads(tiny_tokenizer().to_str())
+    data["model"]["type"] = "Unigram"
+    with pytest.raises(UnsupportedArchitectureError, match="BPE"):
+        trim.closed_vocab(json.dumps(data), [5], 300, [])
