@@ -35,26 +35,14 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import subprocess
 import sys
 from pathlib import Path
 
+from flash_io import drop_cache  # benchmarks/flash_io.py: fadvise DONTNEED (+ drop_caches when writable)
+
 HERE = Path(__file__).resolve()
 PROMPT = "Explain how a bicycle stays upright when it is moving."
-
-
-def drop_cache(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
-    finally:
-        os.close(fd)
-    try:
-        with open("/proc/sys/vm/drop_caches", "w") as f:
-            f.write("1\n")
-    except OSError:
-        pass
 
 
 def run_one(bundle: str, mode: str, budget: int | None, select: float, method: str, tokens: int,

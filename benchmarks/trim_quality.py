@@ -25,6 +25,7 @@ import numpy as np
 
 import ondevice
 from ondevice.converters import calibrate
+from ondevice.evaluate import window_nll
 
 PROMPTS = ["What is the capital of France?", "Write a Python function that reverses a string.",
            "Give me three tips for writing clear code.", "Explain photosynthesis in one sentence."]
@@ -34,19 +35,10 @@ WINDOW = 256
 
 
 def bits_per_byte(model: ondevice.Model, text: str) -> float:
-    ids = model.encode_prompt(text, raw=True)
     nll, covered = 0.0, 0
-    for start in range(0, len(ids) - 1, WINDOW):
-        chunk = ids[start:start + WINDOW]
-        if len(chunk) < 2:
-            break
-        model.reset()
-        logits = model.backend.forward(chunk, 0, all_logits=True).astype(np.float64)
-        logits -= logits.max(-1, keepdims=True)
-        logp = logits - np.log(np.exp(logits).sum(-1, keepdims=True))
-        nll -= logp[np.arange(len(chunk) - 1), chunk[1:]].sum()
+    for chunk, chunk_nll in window_nll(model, model.encode_prompt(text, raw=True), WINDOW):
+        nll += chunk_nll
         covered += len(model.tokenizer.decode(chunk[1:]).encode("utf-8"))
-    model.reset()
     return nll / covered / math.log(2)
 
 

@@ -35,6 +35,17 @@ def perplexity(model: Model, token_ids: list[int], window: int = 512) -> dict:
     if window > model.max_context:
         raise ValueError(f"window {window} exceeds the model's context of {model.max_context}")
     nll, scored = 0.0, 0
+    for chunk, chunk_nll in window_nll(model, token_ids, window):
+        nll += chunk_nll
+        scored += len(chunk) - 1
+    if scored == 0:
+        raise ValueError("the text is too short to score (needs at least 2 tokens)")
+    return {"perplexity": float(np.exp(nll / scored)), "tokens": scored, "window": window}
+
+
+def window_nll(model: Model, token_ids: list[int], window: int):
+    """(window, summed negative log-likelihood of its tokens after the first) for non-overlapping
+    windows of `window` tokens, each on a fresh cache."""
     for start in range(0, len(token_ids) - 1, window):
         chunk = token_ids[start:start + window]
         if len(chunk) < 2:
@@ -43,13 +54,8 @@ def perplexity(model: Model, token_ids: list[int], window: int = 512) -> dict:
         logits = model.backend.forward(chunk, 0, all_logits=True).astype(np.float64)
         logits -= logits.max(-1, keepdims=True)
         logp = logits - np.log(np.exp(logits).sum(-1, keepdims=True))
-        targets = np.asarray(chunk[1:])
-        nll -= logp[np.arange(len(targets)), targets].sum()
-        scored += len(targets)
+        yield chunk, float(-logp[np.arange(len(chunk) - 1), chunk[1:]].sum())
     model.reset()
-    if scored == 0:
-        raise ValueError("the text is too short to score (needs at least 2 tokens)")
-    return {"perplexity": float(np.exp(nll / scored)), "tokens": scored, "window": window}
 
 
 def bench_prompt(model: Model, n_tokens: int) -> list[int]:
