@@ -1,10 +1,12 @@
 """The MLP the runtime computes itself when the FFN weights live in a flash store (LLM in a flash).
 
 Per layer and token: the layer graph hands over the MLP input x and the gate projection g of every
-neuron (the gate rows stay resident: converters/flash_graphs.py). The token keeps the neurons with
-the largest |silu(g)| (`fraction` of them; converters/sparsity.py measured the choice), the window
-(ondevice/flash.py) makes their up rows and down columns resident, reading from storage only the
-ones it lacks, and one ONNX Runtime call computes
+neuron (the gate rows stay resident: converters/flash_graphs.py). The token keeps `fraction` of the
+neurons: those with the largest |silu(g)| (default; converters/sparsity.py measured the choice),
+those over a per-layer threshold calibrated at conversion, or a low-rank predictor's picks. The
+window (ondevice/flash.py) makes their up rows and down columns resident, reading from storage only
+the ones it lacks (a whole layer section ahead of time when they are dense), and one ONNX Runtime
+call computes
 
     y = (silu(g) * (x @ up.T) * mask) @ down
 
@@ -115,9 +117,14 @@ def top_k(score: np.ndarray, k: int) -> np.ndarray:
     return np.argpartition(-score, k - 1, axis=1)[:, :k]
 
 
+def silu_scores(gate: np.ndarray) -> np.ndarray:
+    """|silu(g)|: how much each neuron's gate lets through."""
+    return np.abs(gate / (1.0 + np.exp(-gate)))
+
+
 def top_neurons(gate: np.ndarray, k: int) -> np.ndarray:
     """[T, k] neuron ids: each token's k largest |silu(g)|."""
-    return top_k(np.abs(gate / (1.0 + np.exp(-gate))), k)
+    return top_k(silu_scores(gate), k)
 
 
 def budget_for(entry: dict, fraction: float, dtype: str = "float16", prefetch: bool = True,
@@ -139,7 +146,8 @@ class FlashMlp:
     """mlp(layer, x [T, H], gate [T, N]) -> [T, H] over a DRAM window of the flash store.
 
     budget_bytes: the DRAM budget for the resident weights plus the windows (ondevice/flash.py);
-    fraction: share of the neurons each token keeps (1.0: all, the dense MLP); dtype: what the slots
+    fraction: share of the neurons each token keeps (1.0: all, the dense MLP); select: how they are
+    chosen ("top-k", "threshold", "predictor": see `choose`); dtype: what the slots
     hold ("float16", or "float32" at twice the bytes). Baselines for benchmarks: naive=True streams
     every layer's whole FFN from storage for every token (no window); use_mmap=True reads records
     through a memory map of the store instead of direct I/O. prefetch: read a layer's whole section
@@ -192,7 +200,7 @@ class FlashMlp:
                 f"a DRAM budget of {budget_bytes / 1e6:.1f} MB leaves room for {self.weights.capacity} neurons per "
                 f"layer, but keeping {fraction:.0%} of the FFN needs {self.k}: raise the budget or lower the fraction")
         self.naive, self.prefetch = naive, prefetch and not naive
-        self.dense_ids = np.arange(n)
+        self.neurons = n
         # per layer: the last token's missing neurons were dense enough to read the whole section ahead
         self.dense = np.full(self.weights.layers, self.prefetch)
         self.ahead: dict = {}  # layer -> its section being read
@@ -214,11 +222,10 @@ class FlashMlp:
         if self.select == "predictor":
             p = self.predictors[layer]
             return list(top_k((x @ p["a"]) @ p["b"] + p["c"], self.k))
-        score = np.abs(gate / (1.0 + np.exp(-gate)))
         if self.select == "top-k":
-            return list(top_k(score, self.k))
+            return list(top_neurons(gate, self.k))
         chosen = []
-        for row in score:
+        for row in silu_scores(gate):
             ids = np.flatnonzero(row > self.thresholds[layer])
             if len(ids) > self.weights.capacity:
                 ids = ids[top_k(row[ids][None], self.weights.capacity)[0]]
@@ -239,7 +246,7 @@ class FlashMlp:
         # Missing neurons closer than the reader's gap are read along with everything between them:
         # past that density, reading the whole section ahead of time costs the same bytes, off the
         # critical path.
-        self.dense[layer] = self.prefetch and (w.windows[layer].misses - misses) * self.gap_records >= len(self.dense_ids)
+        self.dense[layer] = self.prefetch and (w.windows[layer].misses - misses) * self.gap_records >= self.neurons
         used = view.used
         mask = np.zeros((1, used), np.float32)
         mask[0, view.active_slots] = 1.0
