@@ -19,7 +19,7 @@ from ondevice.converters.export_onnx import GraphBuilder
 from ondevice.converters.quantize import QuantSpec
 from ondevice.converters.sources import read_source, resolve_source
 from ondevice.converters.trim import DEFAULT_VOCAB, Draft, make_draft, trim_model, trim_vocab
-from ondevice.errors import SourceFormatError, TokenizerMismatchError
+from ondevice.errors import SourceFormatError, TokenizerMismatchError, UnsupportedArchitectureError
 
 CONVERTER_VERSION = "0.1.0"
 # Tokens that end an assistant turn in common chat formats; used as extra stop ids when present.
@@ -35,7 +35,8 @@ def convert(source: str | Path, out: str | Path, *, quant: str = "q4", block_siz
             draft_of: str | Path | None = None, draft_layers: int | None = None, draft_vocab: int | None = None,
             split_prefill: int | bool | None = None, int8_prefill: bool | str | dict = False, force: bool = False,
             progress: bool = True, flash: bool | str = False, flash_predictor: bool = False,
-            trim_layers: int | None = None, trim_ffn: int | None = None, trim_vocab: int | None = None) -> Path:
+            trim_layers: int | None = None, trim_ffn: int | None = None, trim_vocab: int | None = None,
+            target: str | list[str] = "onnx") -> Path:
     """Convert a GGUF file or Hugging Face folder (or a model alias) into an ONNX bundle at `out`.
 
     compute: "float" (exact: greedy output equals a float reference on the same weights) or "int8"
@@ -64,6 +65,8 @@ def convert(source: str | Path, out: str | Path, *, quant: str = "q4", block_siz
     decoder layers (chosen on calibration text) / FFN neurons per layer (whole 32-neuron groups).
     trim_vocab: keep that many tokens (embedding and head rows, and the tokenizer itself, renumbered;
     the original ids of the kept tokens are stored in the bundle).
+    target: "onnx" (default) or "onnx,tflite": also write model.tflite (converters/export_tflite.py,
+    needs litert-torch; its weight precision follows quant).
     """
     if compute not in COMPUTE_ACCURACY_LEVEL:
         raise ValueError(f"compute must be one of {', '.join(COMPUTE_ACCURACY_LEVEL)}, not {compute!r}")
@@ -87,15 +90,31 @@ def convert(source: str | Path, out: str | Path, *, quant: str = "q4", block_siz
     trim = {k: v for k, v in (("layers", trim_layers), ("ffn", trim_ffn), ("vocab", trim_vocab)) if v is not None}
     if flash_predictor and flash is None:
         raise ValueError("flash_predictor trains the neuron predictor of a flash store: it needs flash")
-    with tqdm(total=4 + bool(draft) + (int8_opts is not None), desc="convert", disable=not progress,
-              unit="step") as steps:
+    targets = _targets(target)
+    if "tflite" in targets and draft:
+        raise ValueError("drafts run on the ONNX backend: convert a draft without the tflite target")
+    with tqdm(total=4 + bool(draft) + (int8_opts is not None) + ("tflite" in targets), desc="convert",
+              disable=not progress, unit="step") as steps:
         return _convert(source, out, spec, max_context, compute, force, steps, started, draft, split, int8_opts,
-                        flash, flash_predictor, trim)
+                        flash, flash_predictor, trim, targets)
+
+
+TARGETS = ("onnx", "tflite")
+
+
+def _targets(target: str | list[str]) -> list[str]:
+    names = [t.strip() for t in (target.split(",") if isinstance(target, str) else target) if t.strip()]
+    unknown = [t for t in names if t not in TARGETS]
+    if unknown:
+        raise ValueError(f"unknown target {', '.join(unknown)} (targets: {', '.join(TARGETS)})")
+    if "onnx" not in names:
+        raise ValueError("every bundle carries the ONNX graph: give onnx among the targets (e.g. onnx,tflite)")
+    return names
 
 
 def _convert(source, out, spec: QuantSpec, max_context, compute, force, steps, started, draft_opts,
              split_chunk: int | None = None, int8_opts: dict | None = None, flash: str | None = None,
-             flash_predictor: bool = False, trim: dict | None = None) -> Path:
+             flash_predictor: bool = False, trim: dict | None = None, targets: list[str] = ("onnx",)) -> Path:
     quant = spec.mode
     accuracy_level = COMPUTE_ACCURACY_LEVEL[compute]
     path = resolve_source(source)
@@ -103,6 +122,8 @@ def _convert(source, out, spec: QuantSpec, max_context, compute, force, steps, s
     steps.set_postfix_str(f"reading {path.name}")
     ckpt = read_source(path)
     arch = get_architecture(ckpt.architecture)
+    if "tflite" in targets and ckpt.architecture != "llama":
+        raise UnsupportedArchitectureError(f"the TFLite exporter handles llama models only, not {ckpt.architecture!r}")
     fmt = ckpt.provenance["format"]
     cfg = (arch.config_from_gguf if fmt == "gguf" else arch.config_from_hf)(ckpt.metadata, ckpt.weights)
     weights = (arch.canonical_from_gguf if fmt == "gguf" else arch.canonical_from_hf)(ckpt.weights, cfg)
@@ -171,6 +192,12 @@ def _convert(source, out, spec: QuantSpec, max_context, compute, force, steps, s
                           **_special_ids(ckpt)},
             "generation": dict(GENERATION_DEFAULTS),
         }
+        if "tflite" in targets:
+            from ondevice.converters.export_tflite import export_tflite
+
+            steps.set_postfix_str("exporting the TFLite model (litert-torch)")
+            manifest["backends"]["tflite"] = export_tflite(cfg, weights, tmp, quant, context=context)
+            steps.update()
         if prefill_int8 is not None:  # same signature and KV layout as the graph above
             manifest["backends"]["onnx"]["prefill_int8"] = prefill_int8
         if flash is not None:  # the FFN as a flash store; the weights outside it are the resident part

@@ -28,7 +28,7 @@ def load(path: str | os.PathLike, *, threads: int | None = None, verify: bool = 
          lookup: bool = False, prefill_chunk: int | None = None, split_prefill: bool | str = False,
          profile: str | os.PathLike | None = None, int8_prefill: bool = False,
          dram_budget: int | str | None = None, ffn_fraction: float | None = None,
-         ffn_select: str = "top-k") -> Model:
+         ffn_select: str = "top-k", backend: str = "onnx") -> Model:
     """Open a bundle: check it (sha256 of every file unless verify=False) and create the session once.
 
     The checksums are computed in a thread while ONNX Runtime builds its session; the model is
@@ -48,7 +48,9 @@ def load(path: str | os.PathLike, *, threads: int | None = None, verify: bool = 
     recently used FFN neurons, the rest read from storage per token (runtimes/flash_mlp.py).
     ffn_fraction: the share of FFN neurons each token keeps there (default 0.8, measured; 1.0 = all);
     ffn_select: how they are chosen: "top-k" |silu(gate)| (default), "threshold" (per-layer thresholds
-    calibrated at conversion for that fraction), "predictor" (the low-rank predictors, if converted)."""
+    calibrated at conversion for that fraction), "predictor" (the low-rank predictors, if converted).
+    backend: "onnx" (default) or "tflite": the bundle's LiteRT model (convert with target="onnx,tflite")
+    through the ai-edge-litert interpreter (runtimes/tflite.py); plain decoding and chunked prefill only."""
     from concurrent.futures import ThreadPoolExecutor
 
     from ondevice.bundle import read_bundle, verify_checksums
@@ -57,6 +59,13 @@ def load(path: str | os.PathLike, *, threads: int | None = None, verify: bool = 
     from ondevice.tokenizer import load_tokenizer
 
     started = time.perf_counter()
+    if backend not in ("onnx", "tflite"):
+        raise ValueError(f"backend must be 'onnx' or 'tflite', not {backend!r}")
+    if backend == "tflite":
+        return _load_tflite(path, threads=threads, verify=verify, started=started,
+                            onnx_only=dict(draft=draft, lookup=lookup, prefill_chunk=prefill_chunk,
+                                           split_prefill=split_prefill, profile=profile, int8_prefill=int8_prefill,
+                                           dram_budget=dram_budget, providers=providers))
     plan = None
     if profile is not None:
         plan = _plan(profile)
@@ -95,6 +104,20 @@ def load(path: str | os.PathLike, *, threads: int | None = None, verify: bool = 
         backend.use_int8_prefill(bundle, threads=threads, providers=providers, threading=threading)
     if draft is not None or lookup:
         model.speculator = _speculator(model, draft, lookup, threads, verify, threading)
+    model.load_s = time.perf_counter() - started
+    return model
+
+
+def _load_tflite(path, *, threads: int | None, verify: bool, started: float, onnx_only: dict) -> Model:
+    from ondevice.bundle import read_bundle
+    from ondevice.runtimes.tflite import TFLiteBackend
+
+    asked = sorted(k for k, v in onnx_only.items() if v)
+    if asked:
+        raise ValueError(f"{', '.join(asked)}: not available on the tflite backend (use backend='onnx')")
+    bundle = read_bundle(path, verify=verify)
+    model = Model(bundle, TFLiteBackend(bundle, threads=threads))
+    model.max_context = model.backend.max_context  # the TFLite model's cache has a fixed number of slots
     model.load_s = time.perf_counter() - started
     return model
 
@@ -171,7 +194,7 @@ def convert(source: str | os.PathLike, out: str | os.PathLike, *, quant: str = "
             draft_vocab: int | None = None, int8_prefill: bool | str | dict = False,
             split_prefill: int | bool | None = None, force: bool = False, progress: bool = True,
             flash: bool | str = False, flash_predictor: bool = False, trim_layers: int | None = None,
-            trim_ffn: int | None = None, trim_vocab: int | None = None) -> Path:
+            trim_ffn: int | None = None, trim_vocab: int | None = None, target: str | list[str] = "onnx") -> Path:
     """Convert a GGUF file, a Hugging Face folder or a model alias (e.g. "smollm2-135m") into a bundle.
 
     quant: q4 (default; GGUF 4-bit blocks kept exactly) | q8 | fp16 | fp32; block_size and symmetric
@@ -197,6 +220,9 @@ def convert(source: str | os.PathLike, out: str | os.PathLike, *, quant: str = "
     ones that change the hidden state most on calibration text) / FFN neurons per layer. trim_vocab:
     keep that many tokens (frequent ones, closed under their BPE merges): the tokenizer, embedding and
     head shrink together.
+
+    target: "onnx" (default) or "onnx,tflite": also write a LiteRT model (model.tflite, decode and
+    prefill signatures) exported with litert-torch (pip install 'ondevice[tflite]'); load(backend="tflite").
     """
     from ondevice.converters.convert import convert as _convert
 
@@ -204,4 +230,4 @@ def convert(source: str | os.PathLike, out: str | os.PathLike, *, quant: str = "
                     max_context=max_context, compute=compute, draft_of=draft_of, draft_layers=draft_layers,
                     draft_vocab=draft_vocab, int8_prefill=int8_prefill, split_prefill=split_prefill, force=force,
                     progress=progress, flash=flash, flash_predictor=flash_predictor, trim_layers=trim_layers,
-                    trim_ffn=trim_ffn, trim_vocab=trim_vocab)
+                    trim_ffn=trim_ffn, trim_vocab=trim_vocab, target=target)

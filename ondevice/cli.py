@@ -19,7 +19,8 @@ def _load(args):
                          prefill_chunk=getattr(args, "prefill_chunk", None), profile=getattr(args, "profile", None),
                          split_prefill=getattr(args, "split_prefill", None) or False,
                          int8_prefill=getattr(args, "int8_prefill", False), dram_budget=args.dram_budget,
-                         ffn_fraction=args.ffn_fraction, ffn_select=args.ffn_select, **speculation)
+                         ffn_fraction=args.ffn_fraction, ffn_select=args.ffn_select, backend=args.backend,
+                         **speculation)
 
 
 def _sampling(args) -> dict:
@@ -39,7 +40,7 @@ def cmd_convert(args) -> int:
                   split_prefill=args.split_prefill, int8_prefill=args.int8_prefill or False,
                   force=args.force, progress=not args.quiet, flash=args.flash or False,
                   flash_predictor=args.flash_predictor, trim_layers=args.trim_layers, trim_ffn=args.trim_ffn,
-                  trim_vocab=args.trim_vocab)
+                  trim_vocab=args.trim_vocab, target=args.target)
     size = sum(p.stat().st_size for p in Path(out).iterdir()) / 1e6
     print(f"wrote {out} ({size:.1f} MB) in {time.perf_counter() - t:.1f} s", file=sys.stderr)
     return 0
@@ -121,7 +122,7 @@ def cmd_bench(args) -> int:
                         repeats=args.repeat,
                         load=lambda: ondevice.load(args.bundle, threads=args.threads, verify=not args.no_verify,
                                                    dram_budget=args.dram_budget, ffn_fraction=args.ffn_fraction,
-                                                   ffn_select=args.ffn_select))
+                                                   ffn_select=args.ffn_select, backend=args.backend))
     if args.json:
         print(json.dumps(results))
     else:
@@ -320,6 +321,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="keep N FFN neurons per layer (largest mean contribution, whole 32-neuron groups)")
     c.add_argument("--trim-vocab", type=int, default=None, metavar="V",
                    help="keep V tokens (frequent ones, closed under their merges): tokenizer, embedding and head")
+    c.add_argument("--target", default="onnx", metavar="onnx[,tflite]",
+                   help="what the bundle carries: the ONNX graph (default), and a LiteRT model with onnx,tflite "
+                        "(needs pip install 'ondevice[tflite]'; its precision follows --quant)")
     c.add_argument("--force", action="store_true", help="overwrite an existing bundle")
     c.add_argument("--quiet", action="store_true", help="no progress bar")
     c.set_defaults(func=cmd_convert)
@@ -328,6 +332,8 @@ def build_parser() -> argparse.ArgumentParser:
         sp.add_argument("bundle")
         sp.add_argument("--threads", type=int, default=None)
         sp.add_argument("--no-verify", action="store_true", help="skip the sha256 check of the bundle")
+        sp.add_argument("--backend", default="onnx", choices=["onnx", "tflite"],
+                        help="run the bundle's ONNX graph (default) or its LiteRT model (convert --target onnx,tflite)")
         sp.add_argument("--profile", default=None, help="device profile (a name in profiles/, a path, or "
                         "'host'): execution providers, prefill chunk and threads come from its plan")
         sp.add_argument("--prefill-chunk", type=int, default=None, metavar="C",

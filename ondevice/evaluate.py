@@ -109,10 +109,11 @@ def benchmark(model: Model, prompt_lengths=(128, 512, 1024), decode_tokens: int 
         results["speculative"] = speculation_benchmark(model, decode_tokens, repeats)
     # Peak RSS of this one model through all of the above; the extra loads below would add theirs.
     results["peak_rss_mb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-    from ondevice.runtimes.onnx import node_placement
+    if hasattr(model.backend, "session"):  # ONNX Runtime: which provider ran which nodes
+        from ondevice.runtimes.onnx import node_placement
 
-    results["node_placement"] = node_placement(model.bundle, getattr(model.backend, "requested_providers", None),
-                                               threads=1)
+        results["node_placement"] = node_placement(model.bundle, getattr(model.backend, "requested_providers", None),
+                                                   threads=1)
     if load is not None:
         results["load_s"] = _summary([_timed(load) for _ in range(repeats)])
     return results
