@@ -124,6 +124,8 @@ def _convert(source, out, spec: QuantSpec, max_context, compute, force, steps, s
     arch = get_architecture(ckpt.architecture)
     if "tflite" in targets and ckpt.architecture != "llama":
         raise UnsupportedArchitectureError(f"the TFLite exporter handles llama models only, not {ckpt.architecture!r}")
+    _check_options(arch, ckpt.architecture, draft_of=draft_opts, split_prefill=split_chunk, int8_prefill=int8_opts,
+                   flash=flash, trim_layers=(trim or {}).get("layers"), trim_ffn=(trim or {}).get("ffn"))
     fmt = ckpt.provenance["format"]
     cfg = (arch.config_from_gguf if fmt == "gguf" else arch.config_from_hf)(ckpt.metadata, ckpt.weights)
     weights = (arch.canonical_from_gguf if fmt == "gguf" else arch.canonical_from_hf)(ckpt.weights, cfg)
@@ -188,7 +190,8 @@ def _convert(source, out, spec: QuantSpec, max_context, compute, force, steps, s
                              "shared_past_present": True},
                 **({"split_prefill": split} if split else {}),
             }},
-            "tokenizer": {"file": "tokenizer.json", "chat_template": ckpt.chat_template,
+            "tokenizer": {"file": "tokenizer.json",
+                          "chat_template": ckpt.chat_template or getattr(arch, "DEFAULT_CHAT_TEMPLATE", None),
                           **_special_ids(ckpt)},
             "generation": dict(GENERATION_DEFAULTS),
         }
@@ -246,6 +249,13 @@ def _trim_vocab(ckpt: Checkpoint, weights, cfg, size: int):
     return dataclasses.replace(ckpt, tokenizer_json=tokenizer_json, special_tokens=tokens), weights, cfg, keep
 
 
+def _check_options(arch, name: str, **requested) -> None:
+    """Options an architecture's graph does not provide yet (its UNSUPPORTED_OPTIONS) fail up front."""
+    asked = [k for k in getattr(arch, "UNSUPPORTED_OPTIONS", ()) if requested.get(k)]
+    if asked:
+        raise UnsupportedArchitectureError(f"{', '.join(asked)}: not supported for architecture {name!r} yet")
+
+
 def _flash_graphs(arch, cfg, weights, spec, context, accuracy_level, folder, graph_file) -> tuple[dict, int]:
     """The decoder cut at its MLPs (converters/flash_graphs.py), for running with the FFN in the store;
     and the bytes of their weights (the resident part: all but the FFN's up and down projections)."""
@@ -300,7 +310,9 @@ def _special_ids(ckpt: Checkpoint) -> dict:
     bos, eos = token_id("bos"), token_id("eos")
     if eos is None:
         raise SourceFormatError("the checkpoint names no end-of-sequence token")
-    stops = [eos] + [i for t in _END_OF_TURN if (i := tok.token_to_id(t)) is not None and i != eos]
+    special_ids = {i for i, t in tok.get_added_tokens_decoder().items() if t.special}
+    # only special tokens: in Gemma's vocabulary "</s>" is ordinary text (HTML strike-through)
+    stops = [eos] + [i for t in _END_OF_TURN if (i := tok.token_to_id(t)) in special_ids and i != eos]
     return {"bos_token_id": bos, "eos_token_ids": stops,
             "add_bos_token": bool(special.get("add_bos_token", False)),
             "vocab_size": tok.get_vocab_size()}

