@@ -7,7 +7,9 @@ per layer as inputs and return only the new tokens' keys and values; the runtime
 Precision follows the converter's --quant: fp32 as is; fp16 weights; q8 int8 per-channel weights;
 q4 int4 blocks of 32 (symmetric, re-quantized from the dequantized source). litert-torch's int4 and
 int8 recipes are dynamic-range only (activations quantized to int8 at run time), so those exports
-are not exact; the manifest says so.
+are not exact; the manifest says so. (Its weight-only int4 recipe leaves blockwise weights in float.)
+The model is exported in fp32 and then quantized with litert-torch's recipe (`quantize`, what
+litert-torch's convert(quant_config=...) does as its last step), so one export serves every precision.
 """
 
 from __future__ import annotations
@@ -41,9 +43,7 @@ def require_litert_torch():
     return litert_torch
 
 
-def _quant_config(kind: str | None):
-    if kind is None:
-        return None
+def _quant_config(kind: str):
     from litert_torch.generative.quantize import quant_attrs, quant_recipes
 
     if kind == "fp16":
@@ -53,6 +53,17 @@ def _quant_config(kind: str | None):
                                                  granularity=quant_attrs.Granularity.CHANNELWISE)
     return quant_recipes.full_dynamic_recipe(weight_dtype=quant_attrs.Dtype.INT4,
                                              granularity=quant_attrs.Granularity.BLOCKWISE_32)
+
+
+def quantize(fp32_model: bytes, quant: str) -> bytes:
+    """A fp32 TFLite model's weights at the precision of --quant (fp32: unchanged)."""
+    recipe = PRECISIONS[quant][0]
+    if recipe is None:
+        return fp32_model
+    from litert_torch.quantize import translate_recipe
+
+    return bytes(translate_recipe.quantize_model(
+        fp32_model, translate_recipe.translate_to_ai_edge_recipe(_quant_config(recipe).generative_recipe)))
 
 
 def export_tflite(cfg, weights: dict, folder: Path, quant: str = "q4", *, context: int | None = None,
@@ -72,9 +83,8 @@ def export_tflite(cfg, weights: dict, folder: Path, quant: str = "q4", *, contex
     model = LlamaDecoder(cfg, weights, cache_len).eval()
     with torch.no_grad():
         edge = (litert_torch.signature("decode", model, sample_kwargs=model.sample_inputs(1))
-                .signature("prefill", model, sample_kwargs=model.sample_inputs(chunk))
-                .convert(quant_config=_quant_config(recipe)))
-    edge.export(str(folder / GRAPH_FILE))
+                .signature("prefill", model, sample_kwargs=model.sample_inputs(chunk)).convert())
+    (folder / GRAPH_FILE).write_bytes(quantize(edge.model_content(), quant))
     layers = cfg.num_layers
     cache = [f"{kind}_{i}" for i in range(layers) for kind in "kv"]
     return {

@@ -45,18 +45,19 @@ class Block(nn.Module):
         self.heads, self.kv_heads, self.head_dim = cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
         self.attn_norm = RMSNorm(_tensor(w[p + "input_layernorm.weight"]), cfg.rms_norm_eps)
         self.mlp_norm = RMSNorm(_tensor(w[p + "post_attention_layernorm.weight"]), cfg.rms_norm_eps)
-        for name in ("q", "k", "v", "o"):
-            setattr(self, name, _linear(w[p + f"self_attn.{name}_proj.weight"]))
-        for name in ("gate", "up", "down"):
-            setattr(self, name, _linear(w[p + f"mlp.{name}_proj.weight"]))
+        # q, k, v as one matmul and gate, up as another: fewer, larger ops to export and to run
+        self.qkv = _linear(*(w[p + f"self_attn.{n}_proj.weight"] for n in "qkv"))
+        self.o = _linear(w[p + "self_attn.o_proj.weight"])
+        self.gate_up = _linear(w[p + "mlp.gate_proj.weight"], w[p + "mlp.up_proj.weight"])
+        self.down = _linear(w[p + "mlp.down_proj.weight"])
 
     def forward(self, x, cos, sin, cache_bias, new_bias, k_cache, v_cache):
         t, group, d = x.shape[1], self.heads // self.kv_heads, self.head_dim
-        h = self.attn_norm(x)
+        q, k, v = self.qkv(self.attn_norm(x)).split([self.heads * d, self.kv_heads * d, self.kv_heads * d], dim=-1)
         # [1, T, H*D] -> [1, KV, G*T, D]: each kv head's query heads side by side, no repeated KV
-        q = self.q(h).view(1, t, self.kv_heads, group, d).permute(0, 2, 3, 1, 4)
-        k = self.k(h).view(1, t, self.kv_heads, d).transpose(1, 2)
-        v = self.v(h).view(1, t, self.kv_heads, d).transpose(1, 2)
+        q = q.reshape(1, t, self.kv_heads, group, d).permute(0, 2, 3, 1, 4)
+        k = k.reshape(1, t, self.kv_heads, d).transpose(1, 2)
+        v = v.reshape(1, t, self.kv_heads, d).transpose(1, 2)
         q = _rope(q, cos, sin).reshape(1, self.kv_heads, group * t, d)
         k = _rope(k, cos, sin)
         scale = 1.0 / float(np.sqrt(d))
@@ -67,12 +68,13 @@ class Block(nn.Module):
         out = torch.matmul(probs[..., :cached], v_cache) + torch.matmul(probs[..., cached:], v)
         out = out.view(1, self.kv_heads, group, t, d).permute(0, 3, 1, 2, 4).reshape(1, t, self.heads * d)
         x = x + self.o(out)
-        h = self.mlp_norm(x)
-        return x + self.down(F.silu(self.gate(h)) * self.up(h)), k, v
+        gate, up = self.gate_up(self.mlp_norm(x)).chunk(2, dim=-1)
+        return x + self.down(F.silu(gate) * up), k, v
 
 
-def _linear(w: Weight) -> nn.Linear:
-    weight = _tensor(w)
+def _linear(*parts: Weight) -> nn.Linear:
+    """A bias-free linear layer; several weights are stacked row-wise (outputs side by side)."""
+    weight = torch.cat([_tensor(w) for w in parts])
     layer = nn.Linear(weight.shape[1], weight.shape[0], bias=False)
     layer.weight = nn.Parameter(weight, requires_grad=False)
     return layer

@@ -226,6 +226,11 @@ def cmd_inspect(args) -> int:
         print(f"int8 prefill  {iq.get('preset', 'custom')}: {iq['int8_linears']} linears on int8 kernels "
               f"({iq['activation_bits']}-bit activations, {iq['weight_bits']}-bit weights, static scales), "
               f"{iq['outlier_channels_total']} outlier channels in float, chunks of {int8['chunk_sizes'][0]}")
+    tfl = m["backends"].get("tflite")
+    if tfl:
+        pr, kv = tfl["precision"], tfl["kv_cache"]
+        print(f"tflite        {tfl['graph']}: {pr['weights']}, {pr['compute']} compute; signatures decode (1 token) "
+              f"and prefill ({tfl['signatures']['prefill']['tokens']}-token chunks); KV cache {kv['slots']} slots")
     if isinstance(m.get("flash"), dict):
         f = m["flash"]
         print(f"flash store   {f['file']}: {f['encoding']} ({'exact' if f['exact'] else 'max error %.3g' % f['max_abs_error']}), "
