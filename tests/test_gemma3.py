@@ -11,7 +11,6 @@ import torch
 from models import GEMMA3_PIP, gemma3_gguf_path, gemma3_reference, reference_greedy, reference_logits
 
 import ondevice
-from ondevice.errors import UnsupportedArchitectureError
 
 pytestmark = pytest.mark.skipif(gemma3_gguf_path() is None, reason=f"needs the real model: {GEMMA3_PIP}")
 
@@ -121,8 +120,8 @@ def test_chat_prompt_uses_gemma_turns_and_stops_at_end_of_turn(gemma3_model):
     assert tok.backend.token_to_id("</s>") not in tok.eos_token_ids  # ordinary text in Gemma's vocabulary
 
 
-def test_bundle_records_exact_repacking_of_every_block_type(gemma3_bundle):
-    manifest = ondevice.load(gemma3_bundle).bundle.manifest
+def test_bundle_records_exact_repacking_of_every_block_type(gemma3_model):
+    manifest = gemma3_model.bundle.manifest
     tensors = manifest["quantization"]["tensors"]
     assert tensors["attention.qkv"] == "Q5_0 repacked | Q8_0 repacked"
     assert tensors["attention.o"] == "Q4_K repacked"
@@ -131,8 +130,3 @@ def test_bundle_records_exact_repacking_of_every_block_type(gemma3_bundle):
     assert tensors["embedding"] == "Q8_0 repacked" and tensors["lm_head"] == "tied to embedding"
     config = manifest["config"]
     assert config["layer_types"].count("full_attention") == 3 and config["sliding_window"] == 512
-
-
-def test_options_built_on_llama_graphs_are_refused(tmp_path):
-    with pytest.raises(UnsupportedArchitectureError, match="split_prefill"):
-        ondevice.convert("gemma3-270m", tmp_path / "b", split_prefill=True, progress=False)

@@ -6,6 +6,7 @@ from gguf import GGMLQuantizationType
 from gguf.quants import quantize as gguf_quantize
 
 from ondevice.converters.arch import gemma3, get_architecture
+from ondevice.converters.convert import _check_options
 from ondevice.converters.canonical import QTensor
 from ondevice.converters.quantize import LOSSLESS, concat_rows
 from ondevice.errors import SourceFormatError, UnsupportedArchitectureError
@@ -97,3 +98,9 @@ def test_q5_0_blocks_are_repacked_bit_exactly_as_8bit_and_fuse_with_q8_0():
               for k in ("Q5_0", "Q8_0"))
     fused = concat_rows([LOSSLESS["Q5_0"](t5), LOSSLESS["Q8_0"](t8)])
     assert np.array_equal(fused.dequantize(), np.concatenate([t5.dequantize(), t8.dequantize()]))
+
+
+def test_convert_options_built_on_llama_graphs_are_refused_for_gemma3():
+    with pytest.raises(UnsupportedArchitectureError, match="split_prefill, flash: not supported for architecture 'gemma3'"):
+        _check_options(gemma3, "gemma3", split_prefill=256, flash="q4", int8_prefill=None)
+    _check_options(gemma3, "gemma3", split_prefill=None, trim_layers=None)  # nothing asked: fine
