@@ -80,15 +80,17 @@ class Model:
 
     # -- prompts ----------------------------------------------------------------------------
     def encode_prompt(self, prompt: Prompt, raw: bool = False) -> list[int]:
-        """Token ids of a prompt: ids as given, raw text as is, or text/messages via the chat template."""
-        if isinstance(prompt, str):
-            if raw:
-                return self.tokenizer.encode(prompt)
-            prompt = [{"role": "user", "content": prompt}]
-        prompt = list(prompt)
-        if prompt and all(isinstance(t, (int, np.integer)) for t in prompt):
-            return [int(t) for t in prompt]
-        ids = self.tokenizer.encode(self.tokenizer.render_chat(prompt))
+        """Token ids of a prompt: ids as given, raw text as is, or text/messages via the chat template;
+        text gets the BOS token first when the tokenizer asks for one (as llama.cpp and transformers do)."""
+        if isinstance(prompt, str) and raw:
+            ids = self.tokenizer.encode(prompt)
+        else:
+            if isinstance(prompt, str):
+                prompt = [{"role": "user", "content": prompt}]
+            prompt = list(prompt)
+            if prompt and all(isinstance(t, (int, np.integer)) for t in prompt):
+                return [int(t) for t in prompt]
+            ids = self.tokenizer.encode(self.tokenizer.render_chat(prompt))
         bos = self.tokenizer.bos_token_id
         if self.tokenizer.add_bos_token and bos is not None and (not ids or ids[0] != bos):
             ids.insert(0, bos)

@@ -54,9 +54,8 @@ def reference():
 
 @pytest.fixture(scope="module")
 def prompts(gemma3_model):
-    bos = gemma3_model.tokenizer.bos_token_id
     chat = [gemma3_model.encode_prompt(p) for p in CHAT]
-    raw = [[bos] + gemma3_model.encode_prompt(p, raw=True) for p in RAW]
+    raw = [gemma3_model.encode_prompt(p, raw=True) for p in RAW]
     return chat + raw
 
 
@@ -113,8 +112,8 @@ def test_chat_prompt_uses_gemma_turns_and_stops_at_end_of_turn(gemma3_model):
     tok = gemma3_model.tokenizer
     assert tok.render_chat([{"role": "user", "content": "Hi"}]) == \
         "<bos><start_of_turn>user\nHi<end_of_turn>\n<start_of_turn>model\n"
-    ids = gemma3_model.encode_prompt("Hi")
-    assert ids.count(tok.bos_token_id) == 1 and ids[0] == tok.bos_token_id
+    for ids in (gemma3_model.encode_prompt("Hi"), gemma3_model.encode_prompt("Hi", raw=True)):
+        assert ids.count(tok.bos_token_id) == 1 and ids[0] == tok.bos_token_id  # Gemma needs its BOS
     end_of_turn = tok.backend.token_to_id("<end_of_turn>")
     assert end_of_turn in tok.eos_token_ids
     assert tok.backend.token_to_id("</s>") not in tok.eos_token_ids  # ordinary text in Gemma's vocabulary
