@@ -93,6 +93,10 @@ def convert(source: str | Path, out: str | Path, *, quant: str = "q4", block_siz
     targets = _targets(target)
     if "tflite" in targets and draft:
         raise ValueError("drafts run on the ONNX backend: convert a draft without the tflite target")
+    if "tflite" in targets:  # before any work: a missing exporter should not cost a conversion
+        from ondevice.converters.export_tflite import require_litert_torch
+
+        require_litert_torch()
     with tqdm(total=4 + bool(draft) + (int8_opts is not None) + ("tflite" in targets), desc="convert",
               disable=not progress, unit="step") as steps:
         return _convert(source, out, spec, max_context, compute, force, steps, started, draft, split, int8_opts,

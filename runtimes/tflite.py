@@ -50,8 +50,9 @@ class _Signature:
         self.inputs = {k: v["index"] for k, v in runner.get_input_details().items()}
         self.outputs = {k: v["index"] for k, v in runner.get_output_details().items()}
         names = {"tokens", "input_pos", "last", "logits", *(f"{c}_{i}" for i in range(layers) for c in "kv")}
-        if not names <= set(self.inputs) | set(self.outputs):
-            raise BundleError(f"the TFLite model's {key!r} signature lacks {sorted(names - set(self.inputs) - set(self.outputs))}")
+        missing = sorted(names - set(self.inputs) - set(self.outputs))
+        if missing:
+            raise BundleError(f"the TFLite model's {key!r} signature lacks {missing}; re-convert the model")
         self.layers = layers
         self.filled = 0  # cache rows of this copy that are current
 
