@@ -12,6 +12,7 @@ import numpy as np
 import pytest
 import torch
 from models import reference_greedy, smollm2_gguf_path, smollm2_reference
+from test_smollm2 import CHAT, RAW
 
 import ondevice
 
@@ -20,18 +21,6 @@ pytestmark = [
     pytest.mark.filterwarnings("ignore::DeprecationWarning"),
 ]
 
-CHAT = [
-    "What is the capital of France?",
-    "Write a Python function that reverses a string.",
-    "Explain photosynthesis in one sentence.",
-    "Translate to French: The weather is nice today.",
-]
-RAW = [
-    "Once upon a time, in a small village,",
-    "def fibonacci(n):\n    ",
-    "1. Preheat the oven to 180 degrees.\n2.",
-    "The three largest planets of the solar system are",
-]
 # 4-bit vs float: share of teacher-forced positions of held-out text where the top-1 token agrees.
 # Measured 0.68 (512 tokens): symmetric int4 cannot hold the source's asymmetric Q4_1 blocks and the
 # activations go through int8. Below this bar the export is broken rather than lossy.
