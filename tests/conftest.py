@@ -31,6 +31,13 @@ def tiny_bundle(tiny_gguf, tmp_path_factory) -> Path:
 
 
 @pytest.fixture(scope="session")
+def flash_bundle(tiny_gguf, tmp_path_factory) -> Path:
+    """The tiny GGUF converted with a flash store (convert --flash). Read-only: copy it to modify it."""
+    return ondevice.convert(tiny_gguf, tmp_path_factory.mktemp("flash-bundle") / "tiny-flash.bundle", flash=True,
+                            progress=False)
+
+
+@pytest.fixture(scope="session")
 def tiny_bundle_ctx64(tiny_gguf, tmp_path_factory) -> Path:
     """The tiny GGUF converted with max_context=64, for context-overflow tests."""
     return ondevice.convert(tiny_gguf, tmp_path_factory.mktemp("tiny-bundle-64") / "tiny64.bundle",

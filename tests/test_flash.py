@@ -16,11 +16,6 @@ from ondevice.flash import FlashReader, FlashWeights, NeuronWindow, capacity_for
 
 
 @pytest.fixture(scope="module")
-def flash_bundle(tiny_gguf, tmp_path_factory):
-    return convert(tiny_gguf, tmp_path_factory.mktemp("flash") / "f.bundle", progress=False, flash=True)
-
-
-@pytest.fixture(scope="module")
 def entry(flash_bundle):
     return json.loads((flash_bundle / "manifest.json").read_text())["flash"]
 

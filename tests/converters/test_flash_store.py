@@ -9,7 +9,6 @@ import pytest
 from models import canonical_weights, smollm2_gguf_path, write_tiny_llama_gguf
 
 from ondevice.bundle import read_bundle
-from ondevice.converters.convert import convert
 from ondevice.converters.flash import FLASH_FILE, PAGE, coactivation_order, decode_records, write_flash_store
 from ondevice.errors import BundleError
 from ondevice.flash import FlashReader
@@ -32,11 +31,6 @@ def read_back(bundle_path, layer: int, ids) -> tuple[np.ndarray, np.ndarray, np.
     entry = bundle.manifest["flash"]
     with FlashReader(bundle.file(entry["file"]), entry) as r:
         return decode_records(r.read(layer, ids), np.asarray(ids), r.tables(layer), entry["encoding"])
-
-
-@pytest.fixture(scope="module")
-def flash_bundle(tiny_gguf, tmp_path_factory):
-    return convert(tiny_gguf, tmp_path_factory.mktemp("flash") / "f.bundle", progress=False, flash=True)
 
 
 def test_q4_records_are_the_q4_1_checkpoints_rows_and_columns_exactly(tiny_gguf, flash_bundle):

@@ -16,12 +16,6 @@ from ondevice.runtimes.flash_mlp import swiglu
 
 
 @pytest.fixture(scope="module")
-def flash_bundle(tiny_gguf, tmp_path_factory):
-    return ondevice.convert(tiny_gguf, tmp_path_factory.mktemp("flash") / "tiny-flash.bundle", flash=True,
-                            progress=False)
-
-
-@pytest.fixture(scope="module")
 def dense_mlp(tiny_gguf):
     weights, cfg = canonical_weights(tiny_gguf)
     mats = [[dequantize(weights[f"model.layers.{i}.mlp.{n}_proj.weight"]) for n in ("gate", "up", "down")]

@@ -19,12 +19,6 @@ BIG = 10**10  # a budget that holds every neuron
 
 
 @pytest.fixture(scope="module")
-def flash_bundle(tiny_gguf, tmp_path_factory):
-    return ondevice.convert(tiny_gguf, tmp_path_factory.mktemp("flash-mlp") / "tiny-flash.bundle", flash=True,
-                            progress=False)
-
-
-@pytest.fixture(scope="module")
 def mats(tiny_gguf):
     weights, cfg = canonical_weights(tiny_gguf)
     return [[dequantize(weights[f"model.layers.{i}.mlp.{n}_proj.weight"]) for n in ("gate", "up", "down")]
