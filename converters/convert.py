@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import hashlib
 import time
+from concurrent.futures import Future
 from pathlib import Path
 
 import numpy as np
@@ -65,8 +67,9 @@ def convert(source: str | Path, out: str | Path, *, quant: str = "q4", block_siz
     decoder layers (chosen on calibration text) / FFN neurons per layer (whole 32-neuron groups).
     trim_vocab: keep that many tokens (embedding and head rows, and the tokenizer itself, renumbered;
     the original ids of the kept tokens are stored in the bundle).
-    target: "onnx" (default) or "onnx,tflite": also write model.tflite (converters/export_tflite.py,
-    needs litert-torch; its weight precision follows quant).
+    target: "onnx" (default), or onnx with tflite and/or coreml: also write model.tflite
+    (converters/export_tflite.py, needs litert-torch) / model.mlpackage (converters/export_coreml.py,
+    needs coremltools); their weight precision follows quant.
     """
     if compute not in COMPUTE_ACCURACY_LEVEL:
         raise ValueError(f"compute must be one of {', '.join(COMPUTE_ACCURACY_LEVEL)}, not {compute!r}")
@@ -91,19 +94,24 @@ def convert(source: str | Path, out: str | Path, *, quant: str = "q4", block_siz
     if flash_predictor and flash is None:
         raise ValueError("flash_predictor trains the neuron predictor of a flash store: it needs flash")
     targets = _targets(target)
-    if "tflite" in targets and draft:
-        raise ValueError("drafts run on the ONNX backend: convert a draft without the tflite target")
+    others = [t for t in targets if t != "onnx"]
+    if others and draft:
+        raise ValueError(f"drafts run on the ONNX backend: convert a draft without the {others[0]} target")
     if "tflite" in targets:  # before any work: a missing exporter should not cost a conversion
         from ondevice.converters.export_tflite import require_litert_torch
 
         require_litert_torch()
-    with tqdm(total=4 + bool(draft) + (int8_opts is not None) + ("tflite" in targets), desc="convert",
+    if "coreml" in targets:
+        from ondevice.converters.export_coreml import require_coremltools
+
+        require_coremltools()
+    with tqdm(total=4 + bool(draft) + (int8_opts is not None) + len(others), desc="convert",
               disable=not progress, unit="step") as steps:
         return _convert(source, out, spec, max_context, compute, force, steps, started, draft, split, int8_opts,
                         flash, flash_predictor, trim, targets)
 
 
-TARGETS = ("onnx", "tflite")
+TARGETS = ("onnx", "tflite", "coreml")
 
 
 def _targets(target: str | list[str]) -> list[str]:
@@ -126,8 +134,10 @@ def _convert(source, out, spec: QuantSpec, max_context, compute, force, steps, s
     steps.set_postfix_str(f"reading {path.name}")
     ckpt = read_source(path)
     arch = get_architecture(ckpt.architecture)
-    if "tflite" in targets and ckpt.architecture != "llama":
-        raise UnsupportedArchitectureError(f"the TFLite exporter handles llama models only, not {ckpt.architecture!r}")
+    for name in ("tflite", "coreml"):
+        if name in targets and ckpt.architecture != "llama":
+            raise UnsupportedArchitectureError(f"the {name} exporter handles llama models only, "
+                                               f"not {ckpt.architecture!r}")
     _check_options(arch, ckpt.architecture, draft_of=draft_opts, split_prefill=split_chunk, int8_prefill=int8_opts,
                    flash=flash, trim_layers=(trim or {}).get("layers"), trim_ffn=(trim or {}).get("ffn"))
     fmt = ckpt.provenance["format"]
@@ -154,7 +164,8 @@ def _convert(source, out, spec: QuantSpec, max_context, compute, force, steps, s
         source_layers, (weights, cfg) = cfg.num_layers, (draft.weights, draft.cfg)
         steps.update()
 
-    with atomic_bundle_dir(out, force=force) as tmp:
+    with atomic_bundle_dir(out, force=force) as tmp, contextlib.ExitStack() as workers:
+        coreml = _start_coreml(targets, cfg, weights, tmp, quant, context, workers)
         steps.set_postfix_str(f"quantizing ({quant}) and building the graph")
         g = GraphBuilder(f"{ckpt.architecture}-{quant}", accuracy_level=accuracy_level)
         quant_record = arch.build(g, cfg, weights, spec, context)
@@ -205,6 +216,10 @@ def _convert(source, out, spec: QuantSpec, max_context, compute, force, steps, s
             steps.set_postfix_str("exporting the TFLite model (litert-torch)")
             manifest["backends"]["tflite"] = export_tflite(cfg, weights, tmp, quant, context=context)
             steps.update()
+        if coreml is not None:
+            steps.set_postfix_str("exporting the Core ML model (coremltools)")
+            manifest["backends"]["coreml"] = coreml.result()
+            steps.update()
         if prefill_int8 is not None:  # same signature and KV layout as the graph above
             manifest["backends"]["onnx"]["prefill_int8"] = prefill_int8
         if flash is not None:  # the FFN as a flash store; the weights outside it are the resident part
@@ -240,6 +255,24 @@ def _convert(source, out, spec: QuantSpec, max_context, compute, force, steps, s
         write_manifest(tmp, manifest)
         steps.update()
     return Path(out)
+
+
+def _start_coreml(targets, cfg, weights, folder: Path, quant: str, context: int,
+                  workers: contextlib.ExitStack):
+    """The Core ML export (converters/export_coreml.py), to collect with .result(). Next to the TFLite
+    export it runs in a child process: each takes about a minute of mostly single-threaded Python,
+    so on two cores they overlap."""
+    if "coreml" not in targets:
+        return None
+    from ondevice.converters.export_coreml import ExportProcess, export_coreml
+
+    if "tflite" not in targets:
+        done: Future = Future()
+        done.set_result(export_coreml(cfg, weights, folder, quant, context=context))
+        return done
+    process = ExportProcess(cfg, weights, folder, quant, context)
+    workers.callback(process.close)
+    return process
 
 
 def _trim_vocab(ckpt: Checkpoint, weights, cfg, size: int):

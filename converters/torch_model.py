@@ -1,9 +1,10 @@
 """The llama decoder as a plain torch module, built from the converter's canonical weights.
 
-What the TFLite exporter (converters/export_tflite.py) hands to litert-torch. One step runs T new
-tokens at positions `input_pos` (consecutive, starting at past_len = input_pos[0]) against a KV
-cache of `cache_len` slots per layer that the step only reads: it returns the new tokens' keys and
-values ([1, kv_heads, T, head_dim] per layer) and the runtime writes them into the cache itself.
+What the TFLite exporter (converters/export_tflite.py) hands to litert-torch, and, with the cache
+moved into buffers, what the Core ML exporter (converters/export_coreml.py) hands to coremltools.
+One step runs T new tokens at positions `input_pos` (consecutive, starting at past_len =
+input_pos[0]) against a KV cache of `cache_len` slots per layer that the step only reads: it
+returns the new tokens' keys and values ([1, kv_heads, T, head_dim] per layer) and the runtime writes them into the cache itself.
 Attention is split into the cached part (slots < past_len, the rest masked) and the new part
 (causal among the T tokens), one softmax over both: the graph never copies the cache.
 
@@ -91,13 +92,14 @@ class LlamaDecoder(nn.Module):
     """forward(tokens [1, T] int32, input_pos [T] int32, last [1] int32, k_0, v_0, ... [1, KV, S, D])
     -> {"logits": [1, vocab] at row `last`, "k_0", "v_0", ...: the T new keys/values per layer}."""
 
-    def __init__(self, cfg, weights: dict[str, Weight], cache_len: int):
+    def __init__(self, cfg, weights: dict[str, Weight], cache_len: int, mask_value: float = NEG_INF):
         super().__init__()
-        self.cfg, self.cache_len = cfg, cache_len
-        self.embed = nn.Parameter(_tensor(weights["model.embed_tokens.weight"]), requires_grad=False)
+        self.cfg, self.cache_len, self.mask_value = cfg, cache_len, mask_value
+        self.embed_tokens = nn.Parameter(_tensor(weights["model.embed_tokens.weight"]), requires_grad=False)
         head = weights.get("lm_head.weight")
-        self.head = self.embed if cfg.tie_embeddings or head is None else nn.Parameter(_tensor(head),
-                                                                                       requires_grad=False)
+        # tied: no second parameter (torch.jit.trace, which coremltools converts, refuses shared ones)
+        tied = cfg.tie_embeddings or head is None
+        self.head = None if tied else nn.Parameter(_tensor(head), requires_grad=False)
         self.layers = nn.ModuleList(Block(cfg, weights, i) for i in range(cfg.num_layers))
         self.norm = RMSNorm(_tensor(weights["model.norm.weight"]), cfg.rms_norm_eps)
         inv_freq = 1.0 / (cfg.rope_theta ** (torch.arange(0, cfg.head_dim, 2, dtype=torch.int64).float()
@@ -106,23 +108,30 @@ class LlamaDecoder(nn.Module):
         self.register_buffer("slots", torch.arange(cache_len, dtype=torch.int32), persistent=False)
 
     def forward(self, tokens, input_pos, last, **cache):
-        t = tokens.shape[1]
-        x = F.embedding(tokens, self.embed)
-        angles = input_pos.float()[:, None] * self.inv_freq[None, :]
-        angles = torch.cat([angles, angles], dim=-1)
-        cos, sin = torch.cos(angles), torch.sin(angles)
-        # cached slots before the first new position count; the new tokens attend causally
-        cache_bias = torch.where(self.slots[None, :] < input_pos[:1, None], 0.0, NEG_INF).float()
-        new_bias = torch.where(input_pos[None, :] <= input_pos[:, None], 0.0, NEG_INF).float()
-        group = self.cfg.num_heads // self.cfg.num_kv_heads
-        cache_bias = cache_bias.expand(t, self.cache_len).repeat(group, 1)
-        new_bias = new_bias.repeat(group, 1)
+        x, rope, biases = self.embed(tokens, input_pos)
         out = {}
         for i, layer in enumerate(self.layers):
-            x, out[f"k_{i}"], out[f"v_{i}"] = layer(x, cos, sin, cache_bias, new_bias,
-                                                     cache[f"k_{i}"], cache[f"v_{i}"])
+            x, out[f"k_{i}"], out[f"v_{i}"] = layer(x, *rope, *biases, cache[f"k_{i}"], cache[f"v_{i}"])
+        return {"logits": self.logits(x, last), **out}
+
+    def embed(self, tokens, input_pos):
+        """The step's hidden states [1, T, hidden], rope (cos, sin) and attention biases (cached part,
+        new part) at positions input_pos, for the blocks."""
+        t = tokens.shape[1]
+        x = F.embedding(tokens, self.embed_tokens)
+        angles = input_pos.float()[:, None] * self.inv_freq[None, :]
+        angles = torch.cat([angles, angles], dim=-1)
+        # cached slots before the first new position count; the new tokens attend causally
+        cache_bias = torch.where(self.slots[None, :] < input_pos[:1, None], 0.0, self.mask_value).float()
+        new_bias = torch.where(input_pos[None, :] <= input_pos[:, None], 0.0, self.mask_value).float()
+        group = self.cfg.num_heads // self.cfg.num_kv_heads
+        cache_bias = cache_bias.expand(t, self.cache_len).repeat(group, 1)
+        return x, (torch.cos(angles), torch.sin(angles)), (cache_bias, new_bias.repeat(group, 1))
+
+    def logits(self, x, last):
+        """Logits [1, vocab] of row `last` of the blocks' output x [1, T, hidden]."""
         h = torch.index_select(x[0], 0, last)
-        return {"logits": F.linear(self.norm(h), self.head), **out}
+        return F.linear(self.norm(h), self.embed_tokens if self.head is None else self.head)
 
     def sample_inputs(self, t: int) -> dict[str, torch.Tensor]:
         """Inputs of a T-token step (zeros), keyword by keyword as the signature names them."""

@@ -49,8 +49,10 @@ def load(path: str | os.PathLike, *, threads: int | None = None, verify: bool = 
     ffn_fraction: the share of FFN neurons each token keeps there (default 0.8, measured; 1.0 = all);
     ffn_select: how they are chosen: "top-k" |silu(gate)| (default), "threshold" (per-layer thresholds
     calibrated at conversion for that fraction), "predictor" (the low-rank predictors, if converted).
-    backend: "onnx" (default) or "tflite": the bundle's LiteRT model (convert with target="onnx,tflite")
-    through the ai-edge-litert interpreter (runtimes/tflite.py); plain decoding and chunked prefill only."""
+    backend: "onnx" (default), "tflite": the bundle's LiteRT model (convert with target="onnx,tflite")
+    through the ai-edge-litert interpreter (runtimes/tflite.py), or "coreml": its Core ML model
+    (target="onnx,coreml"; macOS 15+, runtimes/coreml.py); those two: plain decoding and chunked
+    prefill only."""
     from concurrent.futures import ThreadPoolExecutor
 
     from ondevice.bundle import read_bundle, verify_checksums
@@ -59,10 +61,10 @@ def load(path: str | os.PathLike, *, threads: int | None = None, verify: bool = 
     from ondevice.tokenizer import load_tokenizer
 
     started = time.perf_counter()
-    if backend not in ("onnx", "tflite"):
-        raise ValueError(f"backend must be 'onnx' or 'tflite', not {backend!r}")
-    if backend == "tflite":
-        return _load_tflite(path, threads=threads, verify=verify, started=started,
+    if backend not in ("onnx", "tflite", "coreml"):
+        raise ValueError(f"backend must be 'onnx', 'tflite' or 'coreml', not {backend!r}")
+    if backend != "onnx":
+        return _load_static(path, backend, threads=threads, verify=verify, started=started,
                             onnx_only=dict(draft=draft, lookup=lookup, prefill_chunk=prefill_chunk,
                                            split_prefill=split_prefill, profile=profile, int8_prefill=int8_prefill,
                                            dram_budget=dram_budget, providers=providers))
@@ -108,16 +110,24 @@ def load(path: str | os.PathLike, *, threads: int | None = None, verify: bool = 
     return model
 
 
-def _load_tflite(path, *, threads: int | None, verify: bool, started: float, onnx_only: dict) -> Model:
+def _load_static(path, backend: str, *, threads: int | None, verify: bool, started: float,
+                 onnx_only: dict) -> Model:
+    """A bundle's TFLite or Core ML model: static shapes, a cache of fixed size, no speculation."""
     from ondevice.bundle import read_bundle
-    from ondevice.runtimes.tflite import TFLiteBackend
 
     asked = sorted(k for k, v in onnx_only.items() if v)
     if asked:
-        raise ValueError(f"{', '.join(asked)}: not available on the tflite backend (use backend='onnx')")
+        raise ValueError(f"{', '.join(asked)}: not available on the {backend} backend (use backend='onnx')")
     bundle = read_bundle(path, verify=verify)
-    model = Model(bundle, TFLiteBackend(bundle, threads=threads))
-    model.max_context = model.backend.max_context  # the TFLite model's cache has a fixed number of slots
+    if backend == "tflite":
+        from ondevice.runtimes.tflite import TFLiteBackend
+
+        model = Model(bundle, TFLiteBackend(bundle, threads=threads))
+    else:
+        from ondevice.runtimes.coreml import CoreMLBackend
+
+        model = Model(bundle, CoreMLBackend(bundle))
+    model.max_context = model.backend.max_context  # the cache has a fixed number of slots
     model.load_s = time.perf_counter() - started
     return model
 
@@ -221,8 +231,11 @@ def convert(source: str | os.PathLike, out: str | os.PathLike, *, quant: str = "
     keep that many tokens (frequent ones, closed under their BPE merges): the tokenizer, embedding and
     head shrink together.
 
-    target: "onnx" (default) or "onnx,tflite": also write a LiteRT model (model.tflite, decode and
-    prefill signatures) exported with litert-torch (pip install 'ondevice[tflite]'); load(backend="tflite").
+    target: "onnx" (default), or onnx with tflite and/or coreml ("onnx,coreml,tflite"): also write a
+    LiteRT model (model.tflite, decode and prefill signatures, exported with litert-torch: pip install
+    'ondevice[tflite]'; load(backend="tflite")) and/or a Core ML model (model.mlpackage, stateful KV
+    cache, iOS 18 / macOS 15, converted with coremltools: pip install 'ondevice[coreml]';
+    load(backend="coreml") on a Mac).
     """
     from ondevice.converters.convert import convert as _convert
 

@@ -131,7 +131,7 @@ def read_bundle(path: str | os.PathLike, verify: bool = True) -> Bundle:
             raise BundleError(f"{path}: {name} has {target.stat().st_size} bytes, the manifest says "
                               f"{info['bytes']}: truncated or modified; re-convert the model")
     for name in _referenced_files(manifest):
-        if name not in files:
+        if name not in files and not any(f.startswith(name + "/") for f in files):  # a file, or a directory's files
             resolve_inside(path, name)
             raise BundleError(f"{path}: manifest references {name!r} but lists no checksum for it")
     bundle = Bundle(path, manifest)
@@ -204,16 +204,20 @@ def atomic_bundle_dir(target: str | os.PathLike, force: bool = False) -> Iterato
         raise
 
 
+def _files(folder: Path) -> list[Path]:
+    """Every regular file under folder (a Core ML model is a directory), in a stable order."""
+    return sorted(p for p in folder.rglob("*") if p.is_file() and not p.is_symlink())
+
+
 def _sync(folder: Path) -> None:
     """Put the files on storage before the rename publishes them: a crash then leaves either the old
     bundle or a complete new one, never a renamed folder of empty files."""
-    for p in folder.iterdir():
-        if p.is_file() and not p.is_symlink():
-            fd = os.open(p, os.O_RDONLY)
-            try:
-                os.fsync(fd)
-            finally:
-                os.close(fd)
+    for p in _files(folder):
+        fd = os.open(p, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
 
 
 def _default_permissions(folder: Path) -> None:
@@ -222,16 +226,16 @@ def _default_permissions(folder: Path) -> None:
     umask = os.umask(0)
     os.umask(umask)
     os.chmod(folder, 0o777 & ~umask)
-    for p in folder.iterdir():
-        if p.is_file() and not p.is_symlink():
-            os.chmod(p, 0o666 & ~umask)
+    for p in folder.rglob("*"):
+        if not p.is_symlink():
+            os.chmod(p, (0o777 if p.is_dir() else 0o666) & ~umask)
 
 
 def write_manifest(folder: Path, manifest: dict) -> None:
     """Fill in the checksums of every file in folder, then write manifest.json."""
     manifest = dict(manifest, format=FORMAT, format_version=FORMAT_VERSION)
     manifest["files"] = {
-        p.name: {"bytes": p.stat().st_size, "sha256": sha256_file(p)}
-        for p in sorted(folder.iterdir()) if p.is_file() and p.name != MANIFEST
+        p.relative_to(folder).as_posix(): {"bytes": p.stat().st_size, "sha256": sha256_file(p)}
+        for p in _files(folder) if p.relative_to(folder).as_posix() != MANIFEST
     }
     (folder / MANIFEST).write_text(json.dumps(manifest, indent=2, sort_keys=False) + "\n")

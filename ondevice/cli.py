@@ -231,6 +231,11 @@ def cmd_inspect(args) -> int:
         pr, kv = tfl["precision"], tfl["kv_cache"]
         print(f"tflite        {tfl['graph']}: {pr['weights']}, {pr['compute']} compute; signatures decode (1 token) "
               f"and prefill ({tfl['signatures']['prefill']['tokens']}-token chunks); KV cache {kv['slots']} slots")
+    cml = m["backends"].get("coreml")
+    if cml:
+        pr, kv = cml["precision"], cml["kv_cache"]
+        print(f"coreml        {cml['graph']}: {pr['weights']}, {pr['compute']} compute, {cml['deployment_target']}; "
+              f"tokens per call {cml['chunks']}; KV cache in states, {kv['slots']} slots")
     if isinstance(m.get("flash"), dict):
         f = m["flash"]
         print(f"flash store   {f['file']}: {f['encoding']} ({'exact' if f['exact'] else 'max error %.3g' % f['max_abs_error']}), "
@@ -326,9 +331,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help="keep N FFN neurons per layer (largest mean contribution, whole 32-neuron groups)")
     c.add_argument("--trim-vocab", type=int, default=None, metavar="V",
                    help="keep V tokens (frequent ones, closed under their merges): tokenizer, embedding and head")
-    c.add_argument("--target", default="onnx", metavar="onnx[,tflite]",
-                   help="what the bundle carries: the ONNX graph (default), and a LiteRT model with onnx,tflite "
-                        "(needs pip install 'ondevice[tflite]'; its precision follows --quant)")
+    c.add_argument("--target", default="onnx", metavar="onnx[,coreml][,tflite]",
+                   help="what the bundle carries: the ONNX graph (default), and a Core ML model (coreml: needs "
+                        "pip install 'ondevice[coreml]') and/or a LiteRT model (tflite: pip install "
+                        "'ondevice[tflite]'); their precision follows --quant")
     c.add_argument("--force", action="store_true", help="overwrite an existing bundle")
     c.add_argument("--quiet", action="store_true", help="no progress bar")
     c.set_defaults(func=cmd_convert)
@@ -337,8 +343,9 @@ def build_parser() -> argparse.ArgumentParser:
         sp.add_argument("bundle")
         sp.add_argument("--threads", type=int, default=None)
         sp.add_argument("--no-verify", action="store_true", help="skip the sha256 check of the bundle")
-        sp.add_argument("--backend", default="onnx", choices=["onnx", "tflite"],
-                        help="run the bundle's ONNX graph (default) or its LiteRT model (convert --target onnx,tflite)")
+        sp.add_argument("--backend", default="onnx", choices=["onnx", "tflite", "coreml"],
+                        help="run the bundle's ONNX graph (default), its LiteRT model (convert --target onnx,tflite) "
+                             "or its Core ML model (--target onnx,coreml; macOS 15+)")
         sp.add_argument("--profile", default=None, help="device profile (a name in profiles/, a path, or "
                         "'host'): execution providers, prefill chunk and threads come from its plan")
         sp.add_argument("--prefill-chunk", type=int, default=None, metavar="C",

@@ -38,6 +38,14 @@ def flash_bundle(tiny_gguf, tmp_path_factory) -> Path:
 
 
 @pytest.fixture(scope="session")
+def coreml_bundle(tiny_gguf, tmp_path_factory) -> Path:
+    """The tiny GGUF converted with --target onnx,coreml (q4). Read-only: copy it to modify it."""
+    pytest.importorskip("coremltools", reason="needs coremltools: pip install 'ondevice[coreml]'")
+    return ondevice.convert(tiny_gguf, tmp_path_factory.mktemp("coreml-bundle") / "tiny-coreml.bundle",
+                            target="onnx,coreml", progress=False)
+
+
+@pytest.fixture(scope="session")
 def tiny_bundle_ctx64(tiny_gguf, tmp_path_factory) -> Path:
     """The tiny GGUF converted with max_context=64, for context-overflow tests."""
     return ondevice.convert(tiny_gguf, tmp_path_factory.mktemp("tiny-bundle-64") / "tiny64.bundle",

