@@ -38,7 +38,9 @@ class QTensor:
         """Whole blocks of block_size columns, by block index: lossless like take_rows."""
         per_block = self.blocks.shape[1] // (self.shape[1] // self.block_size)
         cols = (np.asarray(index, np.int64)[:, None] * per_block + np.arange(per_block)).reshape(-1)
-        return QTensor(self.kind, (self.shape[0], len(index) * self.block_size), self.blocks[:, cols], self.type_id)
+        # advanced indexing after a slice can return a non-C-contiguous array; gguf's dequantizer needs C order
+        blocks = np.ascontiguousarray(self.blocks[:, cols])
+        return QTensor(self.kind, (self.shape[0], len(index) * self.block_size), blocks, self.type_id)
 
 
 Weight = np.ndarray | QTensor

@@ -37,7 +37,8 @@ def convert(source: str | Path, out: str | Path, *, quant: str = "q4", block_siz
             draft_of: str | Path | None = None, draft_layers: int | None = None, draft_vocab: int | None = None,
             split_prefill: int | bool | None = None, int8_prefill: bool | str | dict = False, force: bool = False,
             progress: bool = True, flash: bool | str = False, flash_predictor: bool = False,
-            trim_layers: int | None = None, trim_ffn: int | None = None, trim_vocab: int | None = None,
+            trim_layers: int | None = None, trim_ffn: int | None = None, trim_heads: int | None = None,
+            trim_vocab: int | None = None,
             target: str | list[str] = "onnx") -> Path:
     """Convert a GGUF file or Hugging Face folder (or a model alias) into an ONNX bundle at `out`.
 
@@ -65,6 +66,7 @@ def convert(source: str | Path, out: str | Path, *, quant: str = "q4", block_siz
     "predictor").
     trim_layers / trim_ffn: the trimming pass before any exporter (converters/trim.py): keep that many
     decoder layers (chosen on calibration text) / FFN neurons per layer (whole 32-neuron groups).
+    trim_heads: keep that many query heads per layer (a multiple of the KV heads, as many per group).
     trim_vocab: keep that many tokens (embedding and head rows, and the tokenizer itself, renumbered;
     the original ids of the kept tokens are stored in the bundle).
     target: "onnx" (default), or onnx with tflite and/or coreml: also write model.tflite
@@ -88,9 +90,10 @@ def convert(source: str | Path, out: str | Path, *, quant: str = "q4", block_siz
     flash = "q4" if flash is True else (flash or None)
     if flash is not None and flash not in ("q4", "fp16"):
         raise ValueError(f"flash must be True, 'q4' or 'fp16', not {flash!r}")
-    if any(n is not None and n < 1 for n in (trim_layers, trim_ffn, trim_vocab)):
-        raise ValueError("trim_layers, trim_ffn and trim_vocab must be positive")
-    trim = {k: v for k, v in (("layers", trim_layers), ("ffn", trim_ffn), ("vocab", trim_vocab)) if v is not None}
+    if any(n is not None and n < 1 for n in (trim_layers, trim_ffn, trim_heads, trim_vocab)):
+        raise ValueError("trim_layers, trim_ffn, trim_heads and trim_vocab must be positive")
+    trim = {k: v for k, v in (("layers", trim_layers), ("ffn", trim_ffn), ("heads", trim_heads),
+                              ("vocab", trim_vocab)) if v is not None}
     if flash_predictor and flash is None:
         raise ValueError("flash_predictor trains the neuron predictor of a flash store: it needs flash")
     targets = _targets(target)
@@ -139,7 +142,8 @@ def _convert(source, out, spec: QuantSpec, max_context, compute, force, steps, s
             raise UnsupportedArchitectureError(f"the {name} exporter handles llama models only, "
                                                f"not {ckpt.architecture!r}")
     _check_options(arch, ckpt.architecture, draft_of=draft_opts, split_prefill=split_chunk, int8_prefill=int8_opts,
-                   flash=flash, trim_layers=(trim or {}).get("layers"), trim_ffn=(trim or {}).get("ffn"))
+                   flash=flash, trim_layers=(trim or {}).get("layers"), trim_ffn=(trim or {}).get("ffn"),
+                   trim_heads=(trim or {}).get("heads"))
     fmt = ckpt.provenance["format"]
     cfg = (arch.config_from_gguf if fmt == "gguf" else arch.config_from_hf)(ckpt.metadata, ckpt.weights)
     weights = (arch.canonical_from_gguf if fmt == "gguf" else arch.canonical_from_hf)(ckpt.weights, cfg)

@@ -1,4 +1,4 @@
-"""Trim a model into a small draft: drop layers, keep only frequent rows of the LM head.
+"""Trim a model: drop layers, FFN neurons, query heads, vocabulary rows (and make drafts that way).
 
 Works on canonical weights (Hugging Face names, [out, in]) and the architecture's config dataclass,
 before quantization and independent of the exporter, so every exporter (ONNX, Core ML, TFLite)
@@ -79,6 +79,29 @@ def trim_ffn(weights: dict[str, Weight], cfg, keep: list[np.ndarray]) -> tuple[d
     return out, dataclasses.replace(cfg, intermediate_size=len(keep[0]))
 
 
+def trim_heads(weights: dict[str, Weight], cfg, keep: list[np.ndarray]) -> tuple[dict[str, Weight], object]:
+    """Keep query heads keep[i] of layer i (the same count in every layer and in every KV group, so
+    grouped-query attention stays regular): their q_proj rows and o_proj columns. Keys and values
+    stay whole; the config's num_heads follows."""
+    d, group = cfg.head_dim, cfg.num_heads // cfg.num_kv_heads
+    sizes = {len(k) for k in keep}
+    if len(keep) != cfg.num_layers or len(sizes) != 1 or min(sizes) % cfg.num_kv_heads or not 0 < min(sizes):
+        raise ValueError(f"keep the same number of query heads (a multiple of the {cfg.num_kv_heads} KV heads) "
+                         f"in each of the {cfg.num_layers} layers")
+    out = dict(weights)
+    for i, heads in enumerate(keep):
+        heads = np.sort(np.asarray(heads, np.int64))
+        per_group = np.bincount(heads // group, minlength=cfg.num_kv_heads) if heads.max() < cfg.num_heads else None
+        if len(np.unique(heads)) != len(heads) or heads.min() < 0 or per_group is None or len(set(per_group)) != 1:
+            raise ValueError(f"layer {i}: query heads to keep must be distinct ids in 0..{cfg.num_heads - 1}, "
+                             f"as many from each KV group of {group}")
+        rows = (heads[:, None] * d + np.arange(d)).reshape(-1)
+        p = f"model.layers.{i}.self_attn."
+        out[p + "q_proj.weight"] = take_rows(weights[p + "q_proj.weight"], rows)
+        out[p + "o_proj.weight"] = take_columns(weights[p + "o_proj.weight"], rows)
+    return out, dataclasses.replace(cfg, num_heads=len(keep[0]))
+
+
 def trim_vocab_head(weights: dict[str, Weight], cfg, keep_ids: np.ndarray) -> tuple[dict[str, Weight], object]:
     """The LM head keeps only rows keep_ids: logit j of the trimmed model is logit keep_ids[j] of the
     full one. A head tied to the embedding becomes a separate `lm_head.weight` of those rows; the
@@ -124,6 +147,36 @@ def choose_ffn(scores: list[np.ndarray], n: int, group: int = 32) -> list[np.nda
         return [np.sort(np.argsort(-s, kind="stable")[:n]) for s in scores]
     best = [np.sort(np.argsort(-s.reshape(-1, group).sum(1), kind="stable")[:groups]) for s in scores]
     return [(b[:, None] * group + np.arange(group)).reshape(-1) for b in best]
+
+
+def head_importance(weights: dict[str, Weight], cfg, ids: np.ndarray) -> list[np.ndarray]:
+    """Per layer, each query head's mean contribution on the calibration windows ids [B, T]: mean
+    norm of its attention output times the norm of its o_proj columns."""
+    h, d = cfg.num_heads, cfg.head_dim
+    outputs: dict[str, np.ndarray] = {}
+
+    def observe(name: str, x: np.ndarray) -> None:
+        if name.endswith("self_attn.o_proj"):
+            outputs[name] = np.linalg.norm(x.reshape(-1, h, d), axis=-1).mean(0)
+
+    x = calibrate.embed(weights, ids)
+    scores = []
+    for i in range(cfg.num_layers):
+        x = calibrate.layer_forward(x, weights, cfg, i, observe=observe)
+        o = weights[f"model.layers.{i}.self_attn.o_proj.weight"]
+        o = (o.dequantize() if isinstance(o, QTensor) else np.asarray(o, np.float32)).reshape(-1, h, d)
+        scores.append(outputs[f"model.layers.{i}.self_attn.o_proj"] * np.linalg.norm(o, axis=(0, 2)))
+    return scores
+
+
+def choose_heads(scores: list[np.ndarray], n: int, kv_heads: int) -> list[np.ndarray]:
+    """Per layer, the n query heads with the highest scores, n / kv_heads from each KV group, in id order."""
+    heads = len(scores[0])
+    if n % kv_heads or not 0 < n <= heads:
+        raise ValueError(f"keep a multiple of the {kv_heads} KV heads, at most {heads} query heads, not {n}")
+    group, per_group = heads // kv_heads, n // kv_heads
+    return [np.sort(np.concatenate([g * group + np.argsort(-s[g * group:(g + 1) * group], kind="stable")[:per_group]
+                                    for g in range(kv_heads)])) for s in scores]
 
 
 def always_kept_ids(tokenizer_json: str, special_ids: list[int]) -> list[int]:
@@ -191,10 +244,12 @@ def make_draft(weights: dict[str, Weight], cfg, tokenizer_json: str, special_ids
 
 
 def trim_model(weights: dict[str, Weight], cfg, tokenizer_json: str, layers: int | None = None,
-               ffn: int | None = None, text: str | None = None) -> tuple[dict[str, Weight], object, dict]:
+               ffn: int | None = None, heads: int | None = None,
+               text: str | None = None) -> tuple[dict[str, Weight], object, dict]:
     """The converter's trimming pass, before any exporter: keep `layers` decoder layers (the ones that
-    change the hidden state most on calibration text, first and last always) and `ffn` neurons per
-    layer (the largest mean contributions, in whole 32-neuron groups). Returns the trimmed weights,
+    change the hidden state most on calibration text, first and last always), `ffn` neurons per
+    layer (the largest mean contributions, in whole 32-neuron groups) and `heads` query heads per
+    layer (the largest mean contributions, as many per KV group). Returns the trimmed weights,
     config and the manifest's record of what was kept. (Vocabulary trimming changes the tokenizer
     too: `trim_vocab`.)"""
     text = calibrate.calibration_text() if text is None else text
@@ -211,6 +266,11 @@ def trim_model(weights: dict[str, Weight], cfg, tokenizer_json: str, layers: int
         weights, cfg = trim_ffn(weights, cfg, keep_ffn)
         record.update(ffn_neurons=cfg.intermediate_size, ffn_criterion="mean |h| x |down column|, 32-neuron groups",
                       ffn_kept=[k.tolist() for k in keep_ffn])
+    if heads is not None and heads < cfg.num_heads:
+        keep_heads = choose_heads(head_importance(weights, cfg, batch), heads, cfg.num_kv_heads)
+        weights, cfg = trim_heads(weights, cfg, keep_heads)
+        record.update(query_heads=cfg.num_heads, head_criterion="mean |head output| x |o_proj columns|, "
+                      "as many per KV group", heads_kept=[k.tolist() for k in keep_heads])
     return weights, cfg, record
 
 

@@ -204,7 +204,8 @@ def convert(source: str | os.PathLike, out: str | os.PathLike, *, quant: str = "
             draft_vocab: int | None = None, int8_prefill: bool | str | dict = False,
             split_prefill: int | bool | None = None, force: bool = False, progress: bool = True,
             flash: bool | str = False, flash_predictor: bool = False, trim_layers: int | None = None,
-            trim_ffn: int | None = None, trim_vocab: int | None = None, target: str | list[str] = "onnx") -> Path:
+            trim_ffn: int | None = None, trim_heads: int | None = None, trim_vocab: int | None = None,
+            target: str | list[str] = "onnx") -> Path:
     """Convert a GGUF file, a Hugging Face folder or a model alias (e.g. "smollm2-135m") into a bundle.
 
     quant: q4 (default; GGUF 4-bit blocks kept exactly) | q8 | fp16 | fp32; block_size and symmetric
@@ -227,7 +228,8 @@ def convert(source: str | os.PathLike, out: str | os.PathLike, *, quant: str = "
     (load(ffn_select="predictor")).
 
     trim_layers / trim_ffn: a smaller model before any exporter: keep that many decoder layers (the
-    ones that change the hidden state most on calibration text) / FFN neurons per layer. trim_vocab:
+    ones that change the hidden state most on calibration text) / FFN neurons per layer. trim_heads:
+    keep that many query heads per layer (a multiple of the KV heads, as many from each group). trim_vocab:
     keep that many tokens (frequent ones, closed under their BPE merges): the tokenizer, embedding and
     head shrink together.
 
@@ -243,4 +245,5 @@ def convert(source: str | os.PathLike, out: str | os.PathLike, *, quant: str = "
                     max_context=max_context, compute=compute, draft_of=draft_of, draft_layers=draft_layers,
                     draft_vocab=draft_vocab, int8_prefill=int8_prefill, split_prefill=split_prefill, force=force,
                     progress=progress, flash=flash, flash_predictor=flash_predictor, trim_layers=trim_layers,
-                    trim_ffn=trim_ffn, trim_vocab=trim_vocab, target=target)
+                    trim_ffn=trim_ffn, trim_heads=trim_heads, trim_vocab=trim_vocab,
+                    target=target)

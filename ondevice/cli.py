@@ -40,8 +40,8 @@ def cmd_convert(args) -> int:
                   split_prefill=args.split_prefill, int8_prefill=args.int8_prefill or False,
                   force=args.force, progress=not args.quiet, flash=args.flash or False,
                   flash_predictor=args.flash_predictor, trim_layers=args.trim_layers, trim_ffn=args.trim_ffn,
-                  trim_vocab=args.trim_vocab, target=args.target)
-    size = sum(p.stat().st_size for p in Path(out).iterdir()) / 1e6
+                  trim_heads=args.trim_heads, trim_vocab=args.trim_vocab, target=args.target)
+    size = sum(p.stat().st_size for p in Path(out).rglob("*") if p.is_file()) / 1e6
     print(f"wrote {out} ({size:.1f} MB) in {time.perf_counter() - t:.1f} s", file=sys.stderr)
     return 0
 
@@ -255,6 +255,7 @@ def cmd_inspect(args) -> int:
         print("trimmed       " + "; ".join(
             ([f"layers {t['layers_kept']}"] if "layers_kept" in t else [])
             + ([f"{t['ffn_neurons']} FFN neurons per layer"] if "ffn_neurons" in t else [])
+            + ([f"{t['query_heads']} query heads per layer"] if "query_heads" in t else [])
             + ([f"{t['vocab_size']} tokens (original ids in {t['original_ids']})"] if "vocab_size" in t else [])))
     print(f"source        {m['source'].get('format')} {m['source'].get('file') or m['source'].get('folder')}")
     if "draft" in m:
@@ -327,6 +328,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="with --flash: also train the low-rank neuron predictors (run/chat/bench --ffn-select predictor)")
     c.add_argument("--trim-layers", type=int, default=None, metavar="N",
                    help="keep N decoder layers (those that change the hidden state most on calibration text)")
+    c.add_argument("--trim-heads", type=int, default=None, metavar="H",
+                   help="keep H query heads per layer (a multiple of the KV heads; largest mean contribution)")
     c.add_argument("--trim-ffn", type=int, default=None, metavar="N",
                    help="keep N FFN neurons per layer (largest mean contribution, whole 32-neuron groups)")
     c.add_argument("--trim-vocab", type=int, default=None, metavar="V",

@@ -26,7 +26,7 @@ SLIDING, FULL = "sliding_attention", "full_attention"
 DEFAULT_PATTERN = 6
 DEFAULT_LOCAL_ROPE_THETA = 10000.0
 # Options of `convert` built on llama's graph pieces or its numpy forward; not for Gemma yet.
-UNSUPPORTED_OPTIONS = ("draft_of", "split_prefill", "int8_prefill", "flash", "trim_layers", "trim_ffn")
+UNSUPPORTED_OPTIONS = ("draft_of", "split_prefill", "int8_prefill", "flash", "trim_layers", "trim_ffn", "trim_heads")
 # Gemma 3 GGUFs often carry no chat template: the text part of the one Google ships with the model.
 DEFAULT_CHAT_TEMPLATE = (
     "{{ bos_token }}"

@@ -309,13 +309,54 @@ def test_a_bundle_with_fewer_layers_records_which_and_runs_them(deep_gguf, tmp_p
     np.testing.assert_allclose(bundle_logits(out, PROMPT), reference_logits(ref, PROMPT), atol=1e-3)
 
 
+def test_query_heads_with_the_largest_contribution_stay_as_many_from_each_kv_group():
+    scores = [np.array([1.0, 5.0, 2.0, 0.5, 3.0, 4.0]), np.array([9.0, 8.0, 7.0, 1.0, 2.0, 3.0])]
+    kept = trim.choose_heads(scores, 4, kv_heads=2)  # groups {0, 1, 2} and {3, 4, 5}: two from each
+    np.testing.assert_array_equal(kept[0], [1, 2, 4, 5])
+    np.testing.assert_array_equal(kept[1], [0, 1, 4, 5])
+    with pytest.raises(ValueError, match="multiple of the 2 KV heads"):
+        trim.choose_heads(scores, 3, kv_heads=2)
+
+
+def test_trimming_heads_keeps_their_q_rows_and_o_columns_without_requantization(tmp_path):
+    gguf = write_tiny_llama_gguf(tmp_path / "wide.gguf", n_embd=128, n_head=4, n_head_kv=2, seed=3)
+    weights, cfg = canonical_weights(gguf)
+    trimmed, cfg2 = trim.trim_heads(weights, cfg, [np.array([0, 3])] * cfg.num_layers)
+    assert cfg2.num_heads == 2 and cfg2.head_dim == cfg.head_dim == 32
+    q, o = (weights[f"model.layers.0.self_attn.{n}_proj.weight"] for n in "qo")
+    tq, to = (trimmed[f"model.layers.0.self_attn.{n}_proj.weight"] for n in "qo")
+    assert isinstance(to, QTensor)  # 32-column heads are whole 4-bit blocks
+    np.testing.assert_array_equal(tq.dequantize(), q.dequantize()[np.r_[0:32, 96:128]])
+    np.testing.assert_array_equal(to.dequantize(), o.dequantize()[:, np.r_[0:32, 96:128]])
+    with pytest.raises(ValueError, match="as many from each KV group"):
+        trim.trim_heads(weights, cfg, [np.array([0, 1])] * cfg.num_layers)  # both from the first group
+
+
+def test_a_bundle_with_fewer_query_heads_computes_what_the_reference_with_those_heads_computes(tmp_path):
+    gguf = write_tiny_llama_gguf(tmp_path / "wide.gguf", n_embd=128, n_head=4, n_head_kv=2, n_layer=3, seed=3)
+    out = ondevice.convert(gguf, tmp_path / "heads.bundle", trim_heads=2, progress=False)
+    manifest = read_bundle(out).manifest
+    assert manifest["config"]["num_heads"] == 2 == manifest["trim"]["query_heads"]
+    state, params = gguf_state_dict(gguf)
+    d = params["hidden_size"] // params["num_attention_heads"]
+    for i, heads in enumerate(manifest["trim"]["heads_kept"]):
+        assert len(heads) == 2 and heads[0] < 2 <= heads[1]  # one from each KV group
+        rows = np.concatenate([np.arange(h * d, (h + 1) * d) for h in heads])
+        p = f"model.layers.{i}.self_attn."
+        state[p + "q_proj.weight"] = state[p + "q_proj.weight"][rows]
+        state[p + "o_proj.weight"] = state[p + "o_proj.weight"][:, rows]
+    ref = reference_model_from_state(state, dict(params, num_attention_heads=2, head_dim=d))
+    np.testing.assert_allclose(bundle_logits(out, PROMPT), reference_logits(ref, PROMPT), atol=1e-3)
+
+
 def test_trimming_on_the_command_line_and_in_inspect(deep_gguf, tmp_path, capsys):
     from ondevice.cli import main
 
     assert main(["convert", str(deep_gguf), str(tmp_path / "t.bundle"), "--trim-layers", "2", "--trim-ffn", "32",
-                 "--quiet"]) == 0
+                 "--trim-heads", "2", "--quiet"]) == 0
     assert main(["inspect", str(tmp_path / "t.bundle")]) == 0
-    assert "32 FFN neurons per layer" in capsys.readouterr().out
+    out = capsys.readouterr().out
+    assert "32 FFN neurons per layer" in out and "2 query heads per layer" in out
     with pytest.raises(ValueError, match="positive"):
         ondevice.convert(deep_gguf, tmp_path / "bad.bundle", trim_ffn=0, progress=False)
 
