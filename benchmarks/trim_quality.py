@@ -29,7 +29,7 @@ from ondevice.evaluate import window_nll
 
 PROMPTS = ["What is the capital of France?", "Write a Python function that reverses a string.",
            "Give me three tips for writing clear code.", "Explain photosynthesis in one sentence."]
-DEFAULT_SETTINGS = ["none", "vocab=32768", "vocab=16384", "vocab=8192", "layers=28", "layers=26", "layers=24",
+DEFAULT_SETTINGS = ["none", "vocab=32768", "vocab=16384", "vocab=8192", "layers=28", "layers=26", "layers=24", "heads=6",
                     "ffn=1280", "ffn=1024", "layers=26,ffn=1280,vocab=16384"]
 WINDOW = 256
 

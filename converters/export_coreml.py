@@ -145,6 +145,35 @@ def export_coreml(cfg, weights: dict, folder: Path, quant: str = "q4", *, contex
     }
 
 
+def package_weights(package: Path, module: StatefulDecoder) -> dict[str, torch.Tensor]:
+    """The module's parameters as the Core ML program at `package` holds them (int4 blocks
+    decompressed as Core ML does: data x scale; fp16 values as fp32), keyed like module.state_dict().
+    Predicting needs macOS, but this reads the exported weights anywhere: run the torch module with
+    them to measure what quantization did to the model."""
+    ct = require_coremltools()
+    from coremltools.converters.mil.frontend.milproto.load import load
+
+    spec = ct.utils.load_spec(str(package))
+    program = load(spec, spec.specificationVersion, file_weights_dir=str(package / "Data/com.apple.CoreML/weights"))
+    values = {}
+    for op in program.functions["main"].operations:
+        if op.op_type == "constexpr_blockwise_shift_scale":
+            data, scale = op.data.val.astype(np.float32), op.scale.val.astype(np.float32)
+            offset = 0.0 if op.offset is None else np.repeat(op.offset.val.astype(np.float32),
+                                                             data.shape[-1] // scale.shape[-1], axis=-1)
+            values[op.outputs[0].name] = (data - offset) * np.repeat(scale, data.shape[-1] // scale.shape[-1], axis=-1)
+        elif op.op_type == "const" and isinstance(op.outputs[0].val, np.ndarray):
+            values[op.outputs[0].name] = op.outputs[0].val.astype(np.float32)
+    out = {}
+    for name in dict(module.named_parameters()):
+        key = name.replace(".", "_") + "_to_fp16"  # coremltools' name for a torch parameter
+        found = values.get(key + "_quantized", values.get(key))
+        if found is None:
+            raise OndeviceError(f"{package}: no weight for {name} in the Core ML program")
+        out[name] = torch.from_numpy(np.ascontiguousarray(found))
+    return out
+
+
 class ExportProcess:
     """export_coreml in a child process (`python -m ondevice.converters.export_coreml JOB`), so that it
     overlaps the TFLite export: each is about a minute of mostly single-threaded Python. The weights

@@ -14,7 +14,7 @@ from models import canonical_weights, reference_logits, reference_model_from_ggu
 import ondevice
 from ondevice.bundle import read_bundle
 from ondevice.cli import main
-from ondevice.converters.export_coreml import StatefulDecoder, load_weights, save_weights
+from ondevice.converters.export_coreml import StatefulDecoder, load_weights, package_weights, save_weights
 from ondevice.errors import BundleError, OndeviceError
 
 PROMPT = [1, 40, 72, 100, 105, 32, 119, 111, 114, 108, 100, 33, 200, 7]
@@ -120,6 +120,19 @@ def test_the_weights_take_4_bits_and_a_scale_per_32_not_16_bits(coreml_bundle):
     int4_with_fp16_scales = params * (0.5 + 2 / 32)
     # plus the norms in fp16 and 64-byte aligned blobs (on SmolLM2: 75.85 MB against 75.7); fp16 would be 3.6x
     assert int4_with_fp16_scales * 0.95 < weight_bytes < int4_with_fp16_scales * 1.25
+
+
+def test_the_programs_weights_are_the_modules_weights_rounded_to_int4_steps(coreml_bundle, tiny_gguf):
+    weights, cfg = canonical_weights(tiny_gguf)
+    module = StatefulDecoder(cfg, weights, cache_len=64)
+    exported = package_weights(coreml_bundle / "model.mlpackage", module)
+    assert set(exported) == {name for name, _ in module.named_parameters()}
+    for name, w in module.named_parameters():
+        error, top = float((exported[name] - w).abs().max()), float(w.abs().max())
+        if name.endswith("norm.weight"):  # small vectors stay fp16
+            assert error <= top * 2**-10
+        else:  # symmetric int4: a step of at most max|w| / 7 per block, so at most half of that off
+            assert top * 2**-9 < error <= top / 14 * 1.01, name
 
 
 def test_every_file_inside_the_package_is_checksummed(coreml_bundle, copy_bundle):
