@@ -122,11 +122,12 @@ class LlamaDecoder(nn.Module):
         angles = input_pos.float()[:, None] * self.inv_freq[None, :]
         angles = torch.cat([angles, angles], dim=-1)
         # cached slots before the first new position count; the new tokens attend causally
-        cache_bias = torch.where(self.slots[None, :] < input_pos[:1, None], 0.0, self.mask_value).float()
-        new_bias = torch.where(input_pos[None, :] <= input_pos[:, None], 0.0, self.mask_value).float()
+        cache_bias = torch.where(self.slots[None, :] < input_pos[:1, None], 0.0, self.mask_value).to(x.dtype)
+        new_bias = torch.where(input_pos[None, :] <= input_pos[:, None], 0.0, self.mask_value).to(x.dtype)
         group = self.cfg.num_heads // self.cfg.num_kv_heads
         cache_bias = cache_bias.expand(t, self.cache_len).repeat(group, 1)
-        return x, (torch.cos(angles), torch.sin(angles)), (cache_bias, new_bias.repeat(group, 1))
+        rope = torch.cos(angles).to(x.dtype), torch.sin(angles).to(x.dtype)  # angles in fp32 even in an fp16 run
+        return x, rope, (cache_bias, new_bias.repeat(group, 1))
 
     def logits(self, x, last):
         """Logits [1, vocab] of row `last` of the blocks' output x [1, T, hidden]."""
