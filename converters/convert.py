@@ -137,15 +137,15 @@ def _convert(source, out, spec: QuantSpec, max_context, compute, force, steps, s
     steps.set_postfix_str(f"reading {path.name}")
     ckpt = read_source(path)
     arch = get_architecture(ckpt.architecture)
-    for name in ("tflite", "coreml"):
-        if name in targets and ckpt.architecture != "llama":
-            raise UnsupportedArchitectureError(f"the {name} exporter handles llama models only, "
-                                               f"not {ckpt.architecture!r}")
     _check_options(arch, ckpt.architecture, draft_of=draft_opts, split_prefill=split_chunk, int8_prefill=int8_opts,
                    flash=flash, trim_layers=(trim or {}).get("layers"), trim_ffn=(trim or {}).get("ffn"),
                    trim_heads=(trim or {}).get("heads"))
     fmt = ckpt.provenance["format"]
     cfg = (arch.config_from_gguf if fmt == "gguf" else arch.config_from_hf)(ckpt.metadata, ckpt.weights)
+    if "tflite" in targets or "coreml" in targets:
+        from ondevice.converters.torch_model import decoder_class
+
+        decoder_class(cfg)  # architectures without a torch module fail here, before any export
     weights = (arch.canonical_from_gguf if fmt == "gguf" else arch.canonical_from_hf)(ckpt.weights, cfg)
     context = min(max_context or cfg.max_context, cfg.max_context)
     trim_record, original_ids = None, None

@@ -31,7 +31,7 @@ import torch
 from torch import nn
 
 from ondevice.converters.canonical import QTensor
-from ondevice.converters.torch_model import LlamaDecoder
+from ondevice.converters.torch_model import decoder_class
 from ondevice.errors import OndeviceError
 
 PACKAGE = "model.mlpackage"
@@ -62,7 +62,7 @@ class StatefulDecoder(nn.Module):
 
     def __init__(self, cfg, weights: dict, cache_len: int = CACHE_LEN, mask_value: float = MASK_VALUE):
         super().__init__()
-        self.decoder = LlamaDecoder(cfg, weights, cache_len, mask_value=mask_value)
+        self.decoder = decoder_class(cfg)(cfg, weights, cache_len, mask_value=mask_value)
         shape = (cfg.num_layers, cfg.num_kv_heads, cache_len, cfg.head_dim)
         self.register_buffer("k_cache", torch.zeros(shape))
         self.register_buffer("v_cache", torch.zeros(shape))
@@ -226,11 +226,13 @@ def load_weights(path: Path) -> dict:
 
 
 def _main(job: Path) -> None:
+    from ondevice.converters.arch.gemma3 import Gemma3Config
     from ondevice.converters.arch.llama import LlamaConfig
 
     spec = json.loads((job / "job.json").read_text())
-    entry = export_coreml(LlamaConfig(**spec["config"]), load_weights(job / "weights.npz"), Path(spec["folder"]),
-                          spec["quant"], context=spec["context"])
+    config = (Gemma3Config if "layer_types" in spec["config"] else LlamaConfig)(**spec["config"])
+    entry = export_coreml(config, load_weights(job / "weights.npz"), Path(spec["folder"]), spec["quant"],
+                          context=spec["context"])
     (job / "result.json").write_text(json.dumps(entry))
 
 

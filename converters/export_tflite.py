@@ -73,14 +73,14 @@ def export_tflite(cfg, weights: dict, folder: Path, quant: str = "q4", *, contex
     litert_torch = require_litert_torch()
     import torch
 
-    from ondevice.converters.torch_model import LlamaDecoder
+    from ondevice.converters.torch_model import decoder_class
 
     if quant not in PRECISIONS:
         raise ValueError(f"quant must be one of {', '.join(PRECISIONS)} for the TFLite target, not {quant!r}")
     started = time.perf_counter()
     recipe, precision = PRECISIONS[quant]
     cache_len = min(cache_len, context or cfg.max_context)
-    model = LlamaDecoder(cfg, weights, cache_len).eval()
+    model = decoder_class(cfg)(cfg, weights, cache_len).eval()
     with torch.no_grad():
         edge = (litert_torch.signature("decode", model, sample_kwargs=model.sample_inputs(1))
                 .signature("prefill", model, sample_kwargs=model.sample_inputs(chunk)).convert())
