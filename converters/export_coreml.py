@@ -9,9 +9,11 @@ copied) and returns the logits of row `last`.
 
 Choices that cost nothing and suit the Neural Engine: fp16 compute and fp16 states, static cache
 length, enumerated (not ranged) token shapes, an attention mask value fp16 can hold (-1e4, not
--inf). Weights: q4 = int4 blocks of 32 along the input axis (coremltools' per-block linear
-quantization, re-quantized from the dequantized source, symmetric), q8 = int8 per channel, fp16 /
-fp32 = fp16 (Core ML computes in fp16 either way).
+-inf), an RMSNorm that cannot overflow fp16 (torch_model.RMSNorm). Weights: q4 = the GGUF source's
+own blocks where they are Q4_0/Q4_1/Q8_0/K-quants (repacked into Core ML's per-block shift/scale:
+exact up to fp16 rounding, as the ONNX path is exact), else int4 blocks of 32 (coremltools'
+per-block linear quantization, symmetric); q8 = int8 per channel; fp16 / fp32 = fp16 (Core ML
+computes in fp16 either way).
 
 coremltools runs on Linux only as a converter: `predict` needs macOS. The exact module handed to
 coremltools is kept importable so tests can check it against transformers and the ONNX path.
@@ -31,6 +33,7 @@ import torch
 from torch import nn
 
 from ondevice.converters.canonical import QTensor
+from ondevice.converters.quantize import LOSSLESS, Blocks, concat_rows
 from ondevice.converters.torch_model import decoder_class
 from ondevice.errors import OndeviceError
 
@@ -79,6 +82,18 @@ class StatefulDecoder(nn.Module):
         return self.decoder.logits(x, last)
 
 
+def prompt_logits(module: StatefulDecoder, ids: list[int]) -> np.ndarray:
+    """Logits [T, vocab] at every position of ids from an empty cache, leaving the states alone
+    (a prediction returns one row; this is for measuring the module, not part of the export)."""
+    d = module.decoder
+    x, rope, biases = d.embed(torch.tensor([ids], dtype=torch.int32), torch.arange(len(ids), dtype=torch.int32))
+    empty = torch.zeros_like(module.k_cache[:1])
+    with torch.no_grad():
+        for layer in d.layers:
+            x, _, _ = layer(x, *rope, *biases, empty, empty)
+        return d.logits(x, torch.arange(len(ids))).float().numpy()
+
+
 def convert_module(module: StatefulDecoder, chunks=CHUNKS):
     """The traced module as a Core ML ML program (fp16, iOS 18), not compiled: loading it needs macOS."""
     ct = require_coremltools()
@@ -99,6 +114,78 @@ def convert_module(module: StatefulDecoder, chunks=CHUNKS):
                 for name in ("k_cache", "v_cache")],
         minimum_deployment_target=ct.target.iOS18, compute_precision=ct.precision.FLOAT16,
         convert_to="mlprogram", skip_model_load=True)
+
+
+# the torch module's parameters -> the canonical weights stacked into them (rows), per layer i
+_STACKED = {"qkv": ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"), "o": ("self_attn.o_proj",),
+            "gate_up": ("mlp.gate_proj", "mlp.up_proj"), "down": ("mlp.down_proj",)}
+
+
+def source_blocks(cfg, weights: dict) -> dict[str, Blocks]:
+    """The GGUF blocks behind each linear weight and the embedding, keyed by the Core ML const that
+    holds it (coremltools names a torch parameter a.b.c as a_b_c_to_fp16); weights that are not
+    losslessly repackable GGUF blocks are left out (they get coremltools' own quantization)."""
+    def blocks(*names):
+        parts = [weights.get(n) for n in names]
+        if not all(isinstance(w, QTensor) and w.kind in LOSSLESS for w in parts):
+            return None
+        return concat_rows([LOSSLESS[w.kind](w) for w in parts])
+
+    found = {"decoder_embed_tokens": blocks("model.embed_tokens.weight")}
+    if not cfg.tie_embeddings and "lm_head.weight" in weights:
+        found["decoder_head"] = blocks("lm_head.weight")
+    for i in range(cfg.num_layers):
+        for param, names in _STACKED.items():
+            found[f"decoder_layers_{i}_{param}_weight"] = blocks(*(f"model.layers.{i}.{n}.weight" for n in names))
+    return {f"{k}_to_fp16": b for k, b in found.items() if b is not None}
+
+
+def repack_exact(mlmodel, blocks: dict[str, Blocks]):
+    """Replace the fp16 consts named in `blocks` with the source's own blocks: Core ML's
+    constexpr_blockwise_shift_scale computes scale * (data - offset), so data = the codes, scale =
+    the block scale, offset = zero point - min / scale (fp16) reproduces GGUF's Q4_0 / Q4_1 / Q8_0 /
+    K-quant blocks up to fp16 rounding, instead of re-quantizing their dequantized values."""
+    from coremltools.converters.mil import Builder as mb
+    from coremltools.converters.mil.mil import types
+    from coremltools.converters.mil.mil.passes.graph_pass import AbstractGraphPass
+    from coremltools.converters.mil.mil.passes.helper import block_context_manager
+    from coremltools.models.utils import _apply_graph_pass
+
+    class RepackBlocks(AbstractGraphPass):
+        def apply(self, prog):
+            @block_context_manager
+            def apply_block(block):
+                for op in list(block.operations):
+                    b = blocks.get(op.outputs[0].name) if op.op_type == "const" else None
+                    if b is None:
+                        continue
+                    data, scale, offset = _shift_scale(b)
+                    n, k = b.shape
+                    data = data.reshape(n, k).astype(types.np_uint4_dtype if b.bits == 4 else np.uint8)
+                    new = mb.constexpr_blockwise_shift_scale(data=data, scale=scale, offset=offset, before_op=op,
+                                                             name=op.name + "_quantized")
+                    block.replace_uses_of_var_after_op(anchor_op=op, old_var=op.outputs[0], new_var=new,
+                                                       no_check_var_types=True, force_replace=True)
+                    block.remove_ops([op])
+
+            for f in prog.functions.values():
+                apply_block(f)
+
+    return _apply_graph_pass(mlmodel, RepackBlocks(), spec_version=9)  # 9: iOS 18
+
+
+def _shift_scale(b: Blocks) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Blocks as Core ML's (data, scale, offset): value = scale * (data - offset)."""
+    codes = b.codes.copy()
+    scale = b.scales.astype(np.float32).copy()
+    offset = b.explicit_zero_points().astype(np.float32)
+    if b.mins is not None:
+        flat = scale == 0  # a constant block: value = min = min * (0 - (-1))
+        safe = np.where(flat, 1.0, scale)
+        offset = np.where(flat, -1.0, offset - b.mins / safe)
+        scale = np.where(flat, b.mins, scale)
+        codes[flat] = 0
+    return codes, scale.astype(np.float16), offset.astype(np.float16)
 
 
 def _compress(mlmodel, quant: str):
@@ -124,7 +211,20 @@ def export_coreml(cfg, weights: dict, folder: Path, quant: str = "q4", *, contex
     started = time.perf_counter()
     cache_len = min(cache_len, context or cfg.max_context)
     chunks = tuple(sorted({c for c in chunks if c <= cache_len}))
-    mlmodel = _compress(convert_module(StatefulDecoder(cfg, weights, cache_len), chunks), quant)
+    mlmodel = convert_module(StatefulDecoder(cfg, weights, cache_len), chunks)
+    exact = source_blocks(cfg, weights) if quant == "q4" else {}
+    if exact:
+        mlmodel = repack_exact(mlmodel, exact)
+    mlmodel = _compress(mlmodel, quant)  # whatever was not repacked
+    precision = dict(PRECISIONS[quant])
+    linears = 4 * cfg.num_layers + (0 if cfg.tie_embeddings else 1)
+    if exact:
+        kinds = sorted({b.source for b in exact.values()})
+        repacked = sum(name != "decoder_embed_tokens_to_fp16" for name in exact)
+        precision.update(weights=f"the source's blocks ({', '.join(kinds)}) as Core ML shift/scale blocks, up to "
+                                 f"fp16 rounding of the offsets; {repacked} of {linears} linear weights"
+                                 + ("" if repacked == linears else ", the rest int4 blocks of 32 re-quantized"),
+                         repacked=sorted(exact))
     mlmodel.short_description = f"{cfg.num_layers}-layer decoder, KV cache in states (ondevice)"
     mlmodel.save(str(folder / PACKAGE))
     shape = [cfg.num_layers, cfg.num_kv_heads, cache_len, cfg.head_dim]
@@ -138,7 +238,7 @@ def export_coreml(cfg, weights: dict, folder: Path, quant: str = "q4", *, contex
         "kv_cache": {"layers": cfg.num_layers, "num_kv_heads": cfg.num_kv_heads, "head_dim": cfg.head_dim,
                      "layout": "LNSH", "dtype": "float16", "slots": cache_len,
                      "update": "the model writes the T new rows at slots position.. (Core ML states)"},
-        "precision": {"quant": quant, **PRECISIONS[quant]},
+        "precision": {"quant": quant, **precision},
         "deployment_target": "iOS 18 / macOS 15",
         "export_seconds": round(time.perf_counter() - started, 2),
         "exporter": f"coremltools {ct.__version__}",

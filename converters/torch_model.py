@@ -38,7 +38,11 @@ class RMSNorm(nn.Module):
         self.eps = eps
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.weight * (x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + self.eps))
+        # x / max|x| before squaring: the same value, but SmolLM2's residual stream reaches ~25,000,
+        # whose square overflows fp16 (Core ML computes in fp16; the plain form gives inf -> garbage)
+        scale = x.abs().amax(-1, keepdim=True).clamp_min(1e-6)
+        y = x / scale
+        return self.weight * (y * torch.rsqrt(y.pow(2).mean(-1, keepdim=True) + self.eps / scale.pow(2)))
 
 
 class Block(nn.Module):

@@ -9,7 +9,7 @@ import json
 import numpy as np
 import pytest
 import torch
-from models import canonical_weights, reference_logits, reference_model_from_gguf
+from models import canonical_weights, reference_logits, reference_model_from_gguf, write_tiny_llama_hf
 
 import ondevice
 from ondevice.bundle import read_bundle
@@ -19,6 +19,17 @@ from ondevice.errors import BundleError, OndeviceError
 
 PROMPT = [1, 40, 72, 100, 105, 32, 119, 111, 114, 108, 100, 33, 200, 7]
 NEEDS_COREMLTOOLS = "needs coremltools: pip install 'ondevice[coreml]'"
+
+
+def canonical_weights_of(folder):
+    """A Hugging Face folder's weights under the converter's canonical names, and its config."""
+    from ondevice.converters.arch import get_architecture
+    from ondevice.converters.sources import read_source
+
+    ckpt = read_source(folder)
+    arch = get_architecture(ckpt.architecture)
+    cfg = arch.config_from_hf(ckpt.metadata, ckpt.weights)
+    return arch.canonical_from_hf(ckpt.weights, cfg), cfg
 
 
 def step(module: StatefulDecoder, ids: list[int], position: int) -> np.ndarray:
@@ -92,7 +103,7 @@ def test_the_program_takes_enumerated_token_chunks_and_keeps_the_kv_cache_in_fp1
     assert entry["chunks"] == [1, 64] and entry["kv_cache"]["slots"] == slots
 
 
-def test_every_linear_weight_is_int4_blocks_of_32_and_the_cache_is_updated_in_place(coreml_bundle):
+def test_every_linear_weight_is_a_4_bit_constexpr_and_the_cache_is_updated_in_place(coreml_bundle):
     manifest, _, ops = _program(coreml_bundle)
     layers = manifest["config"]["num_layers"]
     count = collections.Counter(op.type for op in ops)
@@ -105,34 +116,53 @@ def test_every_linear_weight_is_int4_blocks_of_32_and_the_cache_is_updated_in_pl
     read = {o.name for op in ops if op.type == "read_state" for o in op.outputs}
     readers = {op.type for op in ops for i in op.inputs.values() for a in i.arguments if a.name in read}
     assert readers == {"slice_by_index", "slice_update"}  # the layer's slice is read; no op takes the whole cache
-    precision = manifest["backends"]["coreml"]["precision"]
-    assert precision["quant"] == "q4" and precision["block_size"] == 32 and "int4" in precision["weights"]
 
 
-def test_the_weights_take_4_bits_and_a_scale_per_32_not_16_bits(coreml_bundle):
-    manifest = json.loads((coreml_bundle / "manifest.json").read_text())
+def _sizes(manifest: dict) -> tuple[int, int]:
+    """(linear weight parameters, embedding parameters) of a bundle's model."""
     c = manifest["config"]
-    d, kv = c["hidden_size"], c["num_kv_heads"] * c["head_dim"]
-    q = c["num_heads"] * c["head_dim"]
-    per_layer = d * (q + 2 * kv) + q * d + 3 * d * c["intermediate_size"]
-    params = c["num_layers"] * per_layer + c["vocab_size"] * d  # tied embedding and head, stored once
-    weight_bytes = sum(f["bytes"] for name, f in manifest["files"].items() if name.endswith("weight.bin"))
-    int4_with_fp16_scales = params * (0.5 + 2 / 32)
-    # plus the norms in fp16 and 64-byte aligned blobs (on SmolLM2: 75.85 MB against 75.7); fp16 would be 3.6x
-    assert int4_with_fp16_scales * 0.95 < weight_bytes < int4_with_fp16_scales * 1.25
+    d, q, kv = c["hidden_size"], c["num_heads"] * c["head_dim"], c["num_kv_heads"] * c["head_dim"]
+    return c["num_layers"] * (d * (q + 2 * kv) + q * d + 3 * d * c["intermediate_size"]), c["vocab_size"] * d
 
 
-def test_the_programs_weights_are_the_modules_weights_rounded_to_int4_steps(coreml_bundle, tiny_gguf):
+def test_a_gguf_sources_blocks_are_repacked_not_requantized(coreml_bundle, tiny_gguf):
+    """The tiny GGUF's Q4_1 matmuls and Q8_0 embedding become Core ML shift/scale blocks holding the
+    same codes: the program's weights are the source's up to fp16 rounding, 4 bits (+ fp16 scale and
+    offset per 32) per linear weight, 8 (+ scale) per embedding value."""
     weights, cfg = canonical_weights(tiny_gguf)
     module = StatefulDecoder(cfg, weights, cache_len=64)
     exported = package_weights(coreml_bundle / "model.mlpackage", module)
     assert set(exported) == {name for name, _ in module.named_parameters()}
+    for name, w in module.named_parameters():
+        assert float((exported[name] - w).abs().max()) <= float(w.abs().max()) * 2**-9, name
+    manifest = json.loads((coreml_bundle / "manifest.json").read_text())
+    precision = manifest["backends"]["coreml"]["precision"]
+    assert len(precision["repacked"]) == 4 * cfg.num_layers + 1 and "Q4_1 repacked" in precision["weights"]
+    linear, embedding = _sizes(manifest)
+    expected = linear * (0.5 + 4 / 32) + embedding * (1 + 2 / 32)
+    weight_bytes = sum(f["bytes"] for n, f in manifest["files"].items() if n.endswith("weight.bin"))
+    assert expected * 0.98 < weight_bytes < expected * 1.15  # + norms in fp16, 64-byte aligned blobs
+
+
+def test_float_sources_get_symmetric_int4_blocks_of_32(tmp_path):
+    pytest.importorskip("coremltools", reason=NEEDS_COREMLTOOLS)
+    folder = write_tiny_llama_hf(tmp_path / "hf", tie_embeddings=True)
+    bundle = ondevice.convert(folder, tmp_path / "hf.bundle", target="onnx,coreml", progress=False)
+    manifest = json.loads((bundle / "manifest.json").read_text())
+    precision = manifest["backends"]["coreml"]["precision"]
+    assert "repacked" not in precision and "int4 blocks of 32" in precision["weights"]
+    weights, cfg = canonical_weights_of(folder)
+    module = StatefulDecoder(cfg, weights, cache_len=64)
+    exported = package_weights(bundle / "model.mlpackage", module)
     for name, w in module.named_parameters():
         error, top = float((exported[name] - w).abs().max()), float(w.abs().max())
         if name.endswith("norm.weight"):  # small vectors stay fp16
             assert error <= top * 2**-10
         else:  # symmetric int4: a step of at most max|w| / 7 per block, so at most half of that off
             assert top * 2**-9 < error <= top / 14 * 1.01, name
+    linear, embedding = _sizes(manifest)
+    weight_bytes = sum(f["bytes"] for n, f in manifest["files"].items() if n.endswith("weight.bin"))
+    assert weight_bytes < (linear + embedding) * (0.5 + 2 / 32) * 1.25  # fp16 would be 3.6x
 
 
 def test_every_file_inside_the_package_is_checksummed(coreml_bundle, copy_bundle):
@@ -156,7 +186,8 @@ def test_every_file_inside_the_package_is_checksummed(coreml_bundle, copy_bundle
 def test_inspect_describes_the_core_ml_model(coreml_bundle, capsys):
     main(["inspect", str(coreml_bundle)])
     out = capsys.readouterr().out
-    assert "coreml        model.mlpackage: int4 blocks of 32" in out and "iOS 18 / macOS 15" in out
+    assert "coreml        model.mlpackage: the source's blocks (Q4_1 repacked, Q8_0 repacked)" in out
+    assert "iOS 18 / macOS 15" in out
 
 
 def test_next_to_tflite_the_core_ml_export_runs_in_a_child_process_with_the_same_result(tiny_gguf, coreml_bundle,
