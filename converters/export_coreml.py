@@ -215,9 +215,10 @@ def export_coreml(cfg, weights: dict, folder: Path, quant: str = "q4", *, contex
     exact = source_blocks(cfg, weights) if quant == "q4" else {}
     if exact:
         mlmodel = repack_exact(mlmodel, exact)
-    mlmodel = _compress(mlmodel, quant)  # whatever was not repacked
     precision = dict(PRECISIONS[quant])
     linears = 4 * cfg.num_layers + (0 if cfg.tie_embeddings else 1)
+    if len(exact) < linears + 1:  # whatever was not repacked (each pass re-serializes the whole program)
+        mlmodel = _compress(mlmodel, quant)
     if exact:
         kinds = sorted({b.source for b in exact.values()})
         repacked = sum(name != "decoder_embed_tokens_to_fp16" for name in exact)
