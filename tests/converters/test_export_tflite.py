@@ -6,8 +6,7 @@ import json
 
 import numpy as np
 import pytest
-import torch
-from models import canonical_weights, reference_logits, reference_model_from_gguf
+from models import canonical_weights, module_cache, module_step, reference_logits, reference_model_from_gguf
 
 import ondevice
 from ondevice.converters.torch_model import LlamaDecoder
@@ -17,26 +16,14 @@ PROMPT = [1, 40, 72, 100, 105, 32, 119, 111, 114, 108, 100, 33, 200, 7]
 NEEDS_LITERT = "needs litert-torch: pip install torch==2.13.0 && pip install 'ondevice[tflite]'"
 
 
-def _step(model: LlamaDecoder, cache: dict, ids: list[int], past: int) -> np.ndarray:
-    """One call of the module over ids at positions past..; writes the returned rows into cache."""
-    inputs = {"tokens": torch.tensor([ids], dtype=torch.int32),
-              "input_pos": torch.arange(past, past + len(ids), dtype=torch.int32),
-              "last": torch.tensor([len(ids) - 1], dtype=torch.int32), **cache}
-    with torch.no_grad():
-        out = model(**inputs)
-    for name in cache:
-        cache[name][:, :, past:past + len(ids)] = out[name]
-    return out["logits"][0].numpy()
-
-
 def test_the_exported_module_computes_transformers_logits_prefill_then_decode(tiny_gguf):
     weights, cfg = canonical_weights(tiny_gguf)
     model = LlamaDecoder(cfg, weights, cache_len=32).eval()
-    cache = {k: v for k, v in model.sample_inputs(1).items() if k[:2] in ("k_", "v_")}
+    cache = module_cache(model)
     reference = reference_logits(reference_model_from_gguf(tiny_gguf), PROMPT)
-    np.testing.assert_allclose(_step(model, cache, PROMPT[:10], 0), reference[9], atol=1e-4)
+    np.testing.assert_allclose(module_step(model, cache, PROMPT[:10], 0), reference[9], atol=1e-4)
     for pos in range(10, len(PROMPT)):
-        np.testing.assert_allclose(_step(model, cache, [PROMPT[pos]], pos), reference[pos], atol=1e-4)
+        np.testing.assert_allclose(module_step(model, cache, [PROMPT[pos]], pos), reference[pos], atol=1e-4)
 
 
 @pytest.fixture(scope="module")

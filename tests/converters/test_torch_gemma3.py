@@ -7,13 +7,13 @@ window, and identical greedy tokens."""
 import numpy as np
 import pytest
 import torch
-from models import GEMMA3_PIP, gemma3_gguf_path, gemma3_reference
+from models import GEMMA3_PIP, gemma3_gguf_path, gemma3_reference, module_cache, module_step
 from tokenizers import Tokenizer
 
 from ondevice.converters.arch import gemma3
 from ondevice.converters.export_coreml import StatefulDecoder
 from ondevice.converters.sources import read_source
-from ondevice.converters.torch_model import Gemma3Decoder, LlamaDecoder, decoder_class
+from ondevice.converters.torch_model import Gemma3Decoder, decoder_class
 
 pytestmark = pytest.mark.skipif(gemma3_gguf_path() is None, reason=f"needs the real model: {GEMMA3_PIP}")
 
@@ -54,22 +54,6 @@ def chat(tokenizer: Tokenizer, text: str) -> list[int]:
     return tokenizer.encode(prompt, add_special_tokens=False).ids
 
 
-def new_cache(model: LlamaDecoder) -> dict:
-    return {k: v for k, v in model.sample_inputs(1).items() if k[:2] in ("k_", "v_")}
-
-
-def step(model: LlamaDecoder, cache: dict, ids: list[int], past: int) -> np.ndarray:
-    """One call of the module over ids at positions past..; writes the returned rows into cache."""
-    inputs = {"tokens": torch.tensor([ids], dtype=torch.int32),
-              "input_pos": torch.arange(past, past + len(ids), dtype=torch.int32),
-              "last": torch.tensor([len(ids) - 1], dtype=torch.int32), **cache}
-    with torch.no_grad():
-        out = model(**inputs)
-    for name in cache:
-        cache[name][:, :, past:past + len(ids)] = out[name]
-    return out["logits"][0].numpy()
-
-
 def reference_logits_at(reference, ids: list[int], rows: list[int]) -> np.ndarray:
     with torch.inference_mode():
         return reference(input_ids=torch.tensor([ids]), logits_to_keep=torch.tensor(rows)).logits[0].numpy()
@@ -86,23 +70,23 @@ def test_logits_equal_transformers_over_chunked_prefill_past_the_sliding_window_
                     for i in range(60))
     ids, prompt = chat(tokenizer, "Summarize this list:\n" + text)[:604], 600  # then 4 decode steps
     assert len(ids) == 604 and prompt > cfg.sliding_window
-    cache, ours, rows = new_cache(module), [], []
+    cache, ours, rows = module_cache(module), [], []
     for start in range(0, prompt, CHUNK):  # chunks' last rows: before, across and past the window
         chunk = ids[start:min(start + CHUNK, prompt)]
-        ours.append(step(module, cache, chunk, start))
+        ours.append(module_step(module, cache, chunk, start))
         rows.append(start + len(chunk) - 1)
     for pos in range(prompt, len(ids)):
-        ours.append(step(module, cache, [ids[pos]], pos))
+        ours.append(module_step(module, cache, [ids[pos]], pos))
         rows.append(pos)
     np.testing.assert_allclose(np.stack(ours), reference_logits_at(reference, ids, rows), atol=1e-4)
 
 
 def test_greedy_tokens_equal_transformers_for_32_tokens(module, source, reference):
     ids = chat(source[2], "What is the capital of France?")
-    cache = new_cache(module)
-    tokens = [int(np.argmax(step(module, cache, ids, 0)))]
+    cache = module_cache(module)
+    tokens = [int(np.argmax(module_step(module, cache, ids, 0)))]
     while len(tokens) < 32:
-        tokens.append(int(np.argmax(step(module, cache, tokens[-1:], len(ids) + len(tokens) - 1))))
+        tokens.append(int(np.argmax(module_step(module, cache, tokens[-1:], len(ids) + len(tokens) - 1))))
     # transformers' greedy choice after the prompt and each prefix of ours (one pass, not 32): the same
     # tokens exactly when its greedy output is ours
     rows = list(range(len(ids) - 1, len(ids) + 31))
@@ -117,5 +101,5 @@ def test_an_fp16_run_as_core_ml_computes_stays_finite_and_picks_the_fp32_modules
     with torch.no_grad():
         fp16 = core_ml(torch.tensor([ids], dtype=torch.int32), torch.tensor([0], dtype=torch.int32),
                        torch.tensor([len(ids) - 1], dtype=torch.int32))[0].float().numpy()
-    fp32 = step(module, new_cache(module), ids, 0)
+    fp32 = module_step(module, module_cache(module), ids, 0)
     assert np.isfinite(fp16).all() and fp16.argmax() == fp32.argmax()
