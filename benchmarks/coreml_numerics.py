@@ -23,7 +23,8 @@ import torch
 
 import ondevice
 from ondevice.converters.calibrate import calibration_text
-from ondevice.converters.export_coreml import StatefulDecoder, package_weights, prompt_logits
+from ondevice.converters.coreml_weights import package_weights
+from ondevice.converters.export_coreml import StatefulDecoder, prompt_logits
 
 PROMPTS = ["What is the capital of France?", "Write a Python function that reverses a string.",
            "Explain photosynthesis in one sentence.", "Translate to French: The weather is nice today."]

@@ -14,7 +14,8 @@ from models import canonical_weights, reference_logits, reference_model_from_ggu
 import ondevice
 from ondevice.bundle import read_bundle
 from ondevice.cli import main
-from ondevice.converters.export_coreml import StatefulDecoder, load_weights, package_weights, save_weights
+from ondevice.converters.coreml_weights import package_weights
+from ondevice.converters.export_coreml import StatefulDecoder, load_weights, save_weights
 from ondevice.errors import BundleError, OndeviceError
 
 PROMPT = [1, 40, 72, 100, 105, 32, 119, 111, 114, 108, 100, 33, 200, 7]
