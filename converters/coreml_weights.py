@@ -16,12 +16,8 @@ import torch
 
 from ondevice.converters.canonical import QTensor
 from ondevice.converters.quantize import LOSSLESS, Blocks, concat_rows
+from ondevice.converters.torch_model import STACKED
 from ondevice.errors import OndeviceError
-
-
-# the torch module's parameters -> the canonical weights stacked into them (rows), per layer i
-_STACKED = {"qkv": ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"), "o": ("self_attn.o_proj",),
-            "gate_up": ("mlp.gate_proj", "mlp.up_proj"), "down": ("mlp.down_proj",)}
 
 
 def source_blocks(cfg, weights: dict) -> dict[str, Blocks]:
@@ -38,7 +34,7 @@ def source_blocks(cfg, weights: dict) -> dict[str, Blocks]:
     if not cfg.tie_embeddings and "lm_head.weight" in weights:
         found["decoder_head"] = blocks("lm_head.weight")
     for i in range(cfg.num_layers):
-        for param, names in _STACKED.items():
+        for param, names in STACKED.items():
             found[f"decoder_layers_{i}_{param}_weight"] = blocks(*(f"model.layers.{i}.{n}.weight" for n in names))
     return {f"{k}_to_fp16": b for k, b in found.items() if b is not None}
 
@@ -122,9 +118,9 @@ def package_weights(package: Path, module) -> dict[str, torch.Tensor]:
     for op in program.functions["main"].operations:
         if op.op_type == "constexpr_blockwise_shift_scale":
             data, scale = op.data.val.astype(np.float32), op.scale.val.astype(np.float32)
-            offset = 0.0 if op.offset is None else np.repeat(op.offset.val.astype(np.float32),
-                                                             data.shape[-1] // scale.shape[-1], axis=-1)
-            values[op.outputs[0].name] = (data - offset) * np.repeat(scale, data.shape[-1] // scale.shape[-1], axis=-1)
+            per_block = data.shape[-1] // scale.shape[-1]
+            offset = 0.0 if op.offset is None else np.repeat(op.offset.val.astype(np.float32), per_block, axis=-1)
+            values[op.outputs[0].name] = (data - offset) * np.repeat(scale, per_block, axis=-1)
         elif op.op_type == "const" and isinstance(op.outputs[0].val, np.ndarray):
             values[op.outputs[0].name] = op.outputs[0].val.astype(np.float32)
     out = {}

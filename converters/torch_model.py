@@ -20,15 +20,27 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
-from ondevice.converters.canonical import QTensor, Weight
+from ondevice.converters.canonical import Weight
+from ondevice.converters.quantize import dequantize
 from ondevice.errors import UnsupportedArchitectureError
 
 NEG_INF = -1e30  # finite: a fully masked row must not turn into NaN
 
 
+# each linear layer of a block -> the canonical weights stacked into it (rows: outputs side by side);
+# q, k, v as one matmul and gate, up as another: fewer, larger ops to export and to run
+STACKED = {"qkv": ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"), "o": ("self_attn.o_proj",),
+           "gate_up": ("mlp.gate_proj", "mlp.up_proj"), "down": ("mlp.down_proj",)}
+
+
 def _tensor(w: Weight) -> torch.Tensor:
-    array = w.dequantize() if isinstance(w, QTensor) else np.asarray(w, np.float32)
-    return torch.from_numpy(np.array(array, np.float32))  # a writable copy
+    return torch.from_numpy(np.array(dequantize(w), np.float32))  # a writable copy
+
+
+def _projections(block: nn.Module, w: dict[str, Weight], i: int) -> None:
+    """Layer i's linear layers (STACKED) as attributes of block."""
+    for name, parts in STACKED.items():
+        setattr(block, name, _linear(*(w[f"model.layers.{i}.{part}.weight"] for part in parts)))
 
 
 class RMSNorm(nn.Module):
@@ -52,11 +64,7 @@ class Block(nn.Module):
         self.heads, self.kv_heads, self.head_dim = cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
         self.attn_norm = RMSNorm(_tensor(w[p + "input_layernorm.weight"]), cfg.rms_norm_eps)
         self.mlp_norm = RMSNorm(_tensor(w[p + "post_attention_layernorm.weight"]), cfg.rms_norm_eps)
-        # q, k, v as one matmul and gate, up as another: fewer, larger ops to export and to run
-        self.qkv = _linear(*(w[p + f"self_attn.{n}_proj.weight"] for n in "qkv"))
-        self.o = _linear(w[p + "self_attn.o_proj.weight"])
-        self.gate_up = _linear(w[p + "mlp.gate_proj.weight"], w[p + "mlp.up_proj.weight"])
-        self.down = _linear(w[p + "mlp.down_proj.weight"])
+        _projections(self, w, i)
 
     def forward(self, x, cos, sin, cache_bias, new_bias, k_cache, v_cache):
         t, d = x.shape[1], self.head_dim
@@ -208,10 +216,7 @@ class Gemma3Block(nn.Module):
         self.attn_norm, self.post_attn_norm = norm["input_layernorm"], norm["post_attention_layernorm"]
         self.mlp_norm, self.post_mlp_norm = norm["pre_feedforward_layernorm"], norm["post_feedforward_layernorm"]
         self.q_norm, self.k_norm = norm["self_attn.q_norm"], norm["self_attn.k_norm"]
-        self.qkv = _linear(*(w[p + f"self_attn.{n}_proj.weight"] for n in "qkv"))
-        self.o = _linear(w[p + "self_attn.o_proj.weight"])
-        self.gate_up = _linear(w[p + "mlp.gate_proj.weight"], w[p + "mlp.up_proj.weight"])
-        self.down = _linear(w[p + "mlp.down_proj.weight"])
+        _projections(self, w, i)
 
     def forward(self, x, cos, sin, cache_bias, new_bias, k_cache, v_cache):
         """cos, sin, cache_bias, new_bias: pairs (sliding-window layers', global layers')."""
