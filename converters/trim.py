@@ -18,6 +18,7 @@ from tokenizers import Tokenizer
 
 from ondevice.converters import calibrate
 from ondevice.converters.canonical import QTensor, Weight
+from ondevice.converters.quantize import dequantize
 from ondevice.errors import UnsupportedArchitectureError
 
 _LAYER = re.compile(r"model\.layers\.(\d+)\.(.+)")
@@ -163,8 +164,7 @@ def head_importance(weights: dict[str, Weight], cfg, ids: np.ndarray) -> list[np
     scores = []
     for i in range(cfg.num_layers):
         x = calibrate.layer_forward(x, weights, cfg, i, observe=observe)
-        o = weights[f"model.layers.{i}.self_attn.o_proj.weight"]
-        o = (o.dequantize() if isinstance(o, QTensor) else np.asarray(o, np.float32)).reshape(-1, h, d)
+        o = dequantize(weights[f"model.layers.{i}.self_attn.o_proj.weight"]).reshape(-1, h, d)
         scores.append(outputs[f"model.layers.{i}.self_attn.o_proj"] * np.linalg.norm(o, axis=(0, 2)))
     return scores
 

@@ -15,9 +15,9 @@ from dataclasses import asdict, dataclass
 
 import numpy as np
 
-from ondevice.converters.canonical import QTensor, Weight
+from ondevice.converters.canonical import Weight
 from ondevice.converters.export_onnx import MS_DOMAIN, GraphBuilder
-from ondevice.converters.quantize import QuantSpec, concat_rows, quantize_linear
+from ondevice.converters.quantize import QuantSpec, concat_rows, dequantize, quantize_linear
 from ondevice.errors import SourceFormatError, UnsupportedArchitectureError
 
 SLIDING, FULL = "sliding_attention", "full_attention"
@@ -187,7 +187,7 @@ def canonical_from_gguf(weights: dict[str, Weight], cfg: Gemma3Config) -> dict[s
 
 
 def _norm_from_gguf(w: Weight) -> np.ndarray:
-    return np.asarray(w.dequantize() if isinstance(w, QTensor) else w, np.float32) - np.float32(1.0)
+    return dequantize(w) - np.float32(1.0)
 
 
 def canonical_from_hf(weights: dict[str, Weight], cfg: Gemma3Config) -> dict[str, Weight]:
@@ -232,9 +232,7 @@ class GemmaWeights:
         return self.weights[name]
 
     def norm(self, name: str) -> np.ndarray:
-        w = self.need(name)
-        w = w.dequantize() if isinstance(w, QTensor) else np.asarray(w, np.float32)
-        return (np.float32(1.0) + w).astype(np.float32)
+        return (np.float32(1.0) + dequantize(self.need(name))).astype(np.float32)
 
     def linear(self, names: list[str], key: str):
         parts = [quantize_linear(self.need(n), self.spec, keep_8bit=True) for n in names]
