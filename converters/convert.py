@@ -138,8 +138,7 @@ def _convert(source, out, spec: QuantSpec, max_context, compute, force, steps, s
     ckpt = read_source(path)
     arch = get_architecture(ckpt.architecture)
     _check_options(arch, ckpt.architecture, draft_of=draft_opts, split_prefill=split_chunk, int8_prefill=int8_opts,
-                   flash=flash, trim_layers=(trim or {}).get("layers"), trim_ffn=(trim or {}).get("ffn"),
-                   trim_heads=(trim or {}).get("heads"))
+                   flash=flash, **{f"trim_{k}": v for k, v in (trim or {}).items()})
     fmt = ckpt.provenance["format"]
     cfg = (arch.config_from_gguf if fmt == "gguf" else arch.config_from_hf)(ckpt.metadata, ckpt.weights)
     if "tflite" in targets or "coreml" in targets:

@@ -182,8 +182,8 @@ class ExportProcess:
         self.tmp = tempfile.TemporaryDirectory(prefix="ondevice-coreml-")
         job = Path(self.tmp.name)
         save_weights(weights, job / "weights.npz")
-        (job / "job.json").write_text(json.dumps({"config": cfg.to_dict(), "folder": str(folder), "quant": quant,
-                                                  "context": context}))
+        (job / "job.json").write_text(json.dumps({"config_class": type(cfg).__name__, "config": cfg.to_dict(),
+                                                  "folder": str(folder), "quant": quant, "context": context}))
         self.log = open(job / "log.txt", "wb")
         self.proc = subprocess.Popen([sys.executable, "-m", "ondevice.converters.export_coreml", str(job)],
                                      stdout=self.log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
@@ -228,7 +228,8 @@ def _main(job: Path) -> None:
     from ondevice.converters.arch.llama import LlamaConfig
 
     spec = json.loads((job / "job.json").read_text())
-    config = (Gemma3Config if "layer_types" in spec["config"] else LlamaConfig)(**spec["config"])
+    config_class = {c.__name__: c for c in (LlamaConfig, Gemma3Config)}[spec["config_class"]]
+    config = config_class(**spec["config"])
     entry = export_coreml(config, load_weights(job / "weights.npz"), Path(spec["folder"]), spec["quant"],
                           context=spec["context"])
     (job / "result.json").write_text(json.dumps(entry))
