@@ -65,6 +65,25 @@ def tiny_model(_tiny_model_session) -> ondevice.Model:
 
 
 @pytest.fixture
+def hide_module(monkeypatch):
+    """hide_module(name): importing that package raises ImportError for the rest of the test (as if
+    it were not installed)."""
+    import builtins
+
+    real_import = builtins.__import__
+
+    def hide(hidden: str) -> None:
+        def without(name, *args, **kwargs):
+            if name == hidden:
+                raise ImportError(name)
+            return real_import(name, *args, **kwargs)
+
+        monkeypatch.setattr(builtins, "__import__", without)
+
+    return hide
+
+
+@pytest.fixture
 def copy_bundle(tmp_path):
     """copy_bundle(src) -> a private copy of a bundle under tmp_path, safe to damage."""
     def copy(src: Path, name: str = "copy.bundle") -> Path:

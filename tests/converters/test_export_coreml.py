@@ -203,17 +203,8 @@ def test_next_to_tflite_the_core_ml_export_runs_in_a_child_process_with_the_same
     read_bundle(both)
 
 
-def test_a_missing_coremltools_is_a_clear_error_before_any_work(tiny_gguf, tmp_path, monkeypatch):
-    import builtins
-
-    real_import = builtins.__import__
-
-    def no_coremltools(name, *args, **kwargs):
-        if name == "coremltools":
-            raise ImportError(name)
-        return real_import(name, *args, **kwargs)
-
-    monkeypatch.setattr(builtins, "__import__", no_coremltools)
+def test_a_missing_coremltools_is_a_clear_error_before_any_work(tiny_gguf, tmp_path, hide_module):
+    hide_module("coremltools")
     with pytest.raises(OndeviceError, match="pip install 'ondevice\\[coreml\\]'"):
         ondevice.convert(tiny_gguf, tmp_path / "b", target="onnx,coreml", progress=False)
     assert not (tmp_path / "b").exists()

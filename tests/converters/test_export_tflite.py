@@ -62,17 +62,8 @@ def test_unknown_or_onnx_less_targets_are_refused(tiny_gguf, tmp_path, target, m
         ondevice.convert(tiny_gguf, tmp_path / "b", target=target, progress=False)
 
 
-def test_a_missing_exporter_is_a_clear_error(tiny_gguf, tmp_path, monkeypatch):
-    import builtins
-
-    real_import = builtins.__import__
-
-    def no_litert(name, *args, **kwargs):
-        if name == "litert_torch":
-            raise ImportError(name)
-        return real_import(name, *args, **kwargs)
-
-    monkeypatch.setattr(builtins, "__import__", no_litert)
+def test_a_missing_exporter_is_a_clear_error(tiny_gguf, tmp_path, hide_module):
+    hide_module("litert_torch")
     with pytest.raises(OndeviceError, match="pip install 'ondevice\\[tflite\\]'"):
         ondevice.convert(tiny_gguf, tmp_path / "b", target="onnx,tflite", progress=False)
     assert not (tmp_path / "b").exists()
