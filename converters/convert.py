@@ -100,6 +100,8 @@ def convert(source: str | Path, out: str | Path, *, quant: str = "q4", block_siz
     others = [t for t in targets if t != "onnx"]
     if others and draft:
         raise ValueError(f"drafts run on the ONNX backend: convert a draft without the {others[0]} target")
+    if "android" in targets and flash is not None:
+        raise ValueError("the Android graph has no flash-store variant: convert it without --flash")
     if "tflite" in targets:  # before any work: a missing exporter should not cost a conversion
         from ondevice.converters.export_tflite import require_litert_torch
 
@@ -114,7 +116,7 @@ def convert(source: str | Path, out: str | Path, *, quant: str = "q4", block_siz
                         flash, flash_predictor, trim, targets)
 
 
-TARGETS = ("onnx", "tflite", "coreml")
+TARGETS = ("onnx", "tflite", "coreml", "android")
 
 
 def _targets(target: str | list[str]) -> list[str]:
@@ -256,6 +258,9 @@ def _convert(source, out, spec: QuantSpec, max_context, compute, force, steps, s
             original_ids.astype("<i4").tofile(tmp / ORIGINAL_IDS)
         manifest["conversion_seconds"] = round(time.perf_counter() - started, 2)
         write_manifest(tmp, manifest)
+        if "android" in targets:  # the ONNX graph rewritten for the app's ONNX Runtime 1.17
+            from ondevice.converters.export_android import export_android
+            export_android(tmp)
         steps.update()
     return Path(out)
 

@@ -1,4 +1,4 @@
-"""The `ondevice` command: convert, run, chat, bench, inspect, verify, perplexity."""
+"""The `ondevice` command: convert, run, chat, bench, inspect, verify, perplexity, export-android."""
 
 from __future__ import annotations
 
@@ -231,6 +231,10 @@ def cmd_inspect(args) -> int:
         pr, kv = tfl["precision"], tfl["kv_cache"]
         print(f"tflite        {tfl['graph']}: {pr['weights']}, {pr['compute']} compute; signatures decode (1 token) "
               f"and prefill ({tfl['signatures']['prefill']['tokens']}-token chunks); KV cache {kv['slots']} slots")
+    droid = m["backends"].get("android")
+    if droid:
+        print(f"android       {droid['graph']}: ONNX Runtime 1.{droid['ort_api']}+ (C API {droid['ort_api']}), opset {droid['opset']}; "
+              f"KV cache read in place, new rows written by the app (ondevice export-android)")
     cml = m["backends"].get("coreml")
     if cml:
         pr, kv = cml["precision"], cml["kv_cache"]
@@ -269,6 +273,26 @@ def cmd_inspect(args) -> int:
     print("files")
     for name, info in m["files"].items():
         print(f"  {name:<20} {info['bytes'] / 1e6:9.2f} MB  sha256 {info['sha256'][:16]}…")
+    return 0
+
+
+APP_FILES = "/sdcard/Android/data/dev.ondevice.demo/files/"
+
+
+def cmd_export_android(args) -> int:
+    from ondevice.converters.export_android import export_android
+
+    t = time.perf_counter()
+    record = export_android(args.bundle)
+    bundle = Path(args.bundle)
+    size = sum(p.stat().st_size for p in bundle.rglob("*") if p.is_file()) / 1e6
+    print(f"wrote {bundle / record['graph']} for ONNX Runtime 1.{record['ort_api']}+ in {time.perf_counter() - t:.1f} s "
+          f"(bundle now {size:.1f} MB)", file=sys.stderr)
+    print(f"install on a phone with the demo app (android_demo/):\n"
+          f"  adb install android_demo/build/ondevice-demo.apk\n"
+          f"  adb push {bundle} {APP_FILES}\n"
+          f"then pick '{bundle.name}' in the app (or build the APK with it inside: "
+          f"BUNDLE={bundle} bash android_demo/build_apk.sh)")
     return 0
 
 
@@ -334,10 +358,11 @@ def build_parser() -> argparse.ArgumentParser:
                    help="keep N FFN neurons per layer (largest mean contribution, whole 32-neuron groups)")
     c.add_argument("--trim-vocab", type=int, default=None, metavar="V",
                    help="keep V tokens (frequent ones, closed under their merges): tokenizer, embedding and head")
-    c.add_argument("--target", default="onnx", metavar="onnx[,coreml][,tflite]",
+    c.add_argument("--target", default="onnx", metavar="onnx[,coreml][,tflite][,android]",
                    help="what the bundle carries: the ONNX graph (default), and a Core ML model (coreml: needs "
                         "pip install 'ondevice[coreml]') and/or a LiteRT model (tflite: pip install "
-                        "'ondevice[tflite]'); their precision follows --quant")
+                        "'ondevice[tflite]'); their precision follows --quant; android: the graph the Android "
+                        "demo app runs (as ondevice export-android)")
     c.add_argument("--force", action="store_true", help="overwrite an existing bundle")
     c.add_argument("--quiet", action="store_true", help="no progress bar")
     c.set_defaults(func=cmd_convert)
@@ -415,6 +440,11 @@ def build_parser() -> argparse.ArgumentParser:
     v = sub.add_parser("verify", help="check a bundle's files against their checksums")
     v.add_argument("bundle")
     v.set_defaults(func=cmd_verify)
+
+    ea = sub.add_parser("export-android", help="add the graph the Android demo app runs (ONNX Runtime 1.17) "
+                                                 "to a bundle, and say how to put it on a phone")
+    ea.add_argument("bundle")
+    ea.set_defaults(func=cmd_export_android)
 
     pp = sub.add_parser("perplexity", help="perplexity of a text file over non-overlapping windows")
     model_args(pp, sampling=False, speculation=False)
