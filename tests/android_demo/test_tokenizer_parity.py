@@ -1,0 +1,275 @@
+"""The Android demo's Kotlin tokenizer (android_demo/src/dev/ondevice/demo/Tokenizer.kt) gives the same
+ids and text as Python `tokenizers` on the real SmolLM2 tokenizer.json.
+
+Json.kt + Tokenizer.kt + host/TokenizerParity.kt are compiled once per session with the Debian kotlinc
+from the Android toolchain (~10 s) and run on the host JVM. Without the toolchain the tests skip,
+except under CI=true, where they fail.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import time
+from pathlib import Path
+
+import pytest
+from tokenizers import Tokenizer
+
+ROOT = Path(__file__).resolve().parents[2]
+DEMO = ROOT / "android_demo"
+SOURCES = [DEMO / "src/dev/ondevice/demo/Json.kt", DEMO / "src/dev/ondevice/demo/Tokenizer.kt",
+           DEMO / "host/TokenizerParity.kt"]
+MAIN_CLASS = "dev.ondevice.demo.host.TokenizerParityKt"
+TOOLCHAIN_ENV = Path.home() / ".cache/android-toolchain/env.sh"
+INSTALL_HINT = "run the Android toolchain's install.sh (shared/android-toolchain/README.md), which writes that env.sh"
+
+LONG_PARAGRAPH = (
+    "Small language models can run entirely on a phone: the weights are quantized to four bits, the "
+    "key/value cache is kept in a fixed ring buffer, and the tokenizer, which turns text into integer ids "
+    "and back, has to agree byte for byte with the one the model was trained with. If it does not, the "
+    "model sees sequences it has never seen before, and its answers degrade in ways that are hard to "
+    "notice: a missing space here, a split number there. That is why this test compares every id. "
+) * 6
+
+STRINGS = [
+    "",
+    "Hello world",
+    "Hello, world! How are you today?",
+    "The quick brown fox jumps over the lazy dog.",
+    "I'm sure they'll say it's fine, but we'd've known. DON'T SHOUT'S",
+    "def main():\n    x = 42\n    return x  *  2\n",
+    "if (a && b) {\n\treturn foo(bar, 'baz');\n}\n",
+    "    indented with four spaces\n        and eight\n",
+    "x =     12345 + 678",
+    "  12345",
+    "1. First item\n2. Second item\n10. Tenth item",
+    "Version 3.14.159, port 8080, 2024-12-31T23:59:59Z",
+    "Price: $1,234.56 (≈ €1.100) — 50% off!",
+    "emoji 😀🎉👍 done",
+    "family 👩‍👩‍👧‍👦 and 👨🏽‍💻 at work",
+    "flags 🇫🇷🇯🇵🇺🇸 and 🏳️‍🌈",
+    "中文字符测试，你好世界。",
+    "日本語のテキストです。カタカナとひらがな",
+    "한국어 문장입니다",
+    "مرحبا بالعالم، كيف حالك؟",
+    "नमस्ते दुनिया, आप कैसे हैं?",
+    "Привет, мир! Как дела?",
+    "Ελληνικά: Ωμέγα αβγ",
+    "Crème brûlée, naïve café, São Paulo, Zürich, Łódź, Ångström",
+    "tabs\there\tand\tthere",
+    "line one\nline two\r\nline three\rend",
+    "trailing spaces   ",
+    "   leading spaces",
+    "\n\n\nthree newlines first",
+    "mixed \t \n whitespace \u00a0 nbsp \u3000 ideographic \u2003 em",
+    "<|im_start|>user\nHi<|im_end|>",
+    "<|im_start|>system\nYou are a helpful AI assistant named SmolLM, trained by Hugging Face<|im_end|>\n"
+    "<|im_start|>user\nWhat is 2+2?<|im_end|>\n<|im_start|>assistant\n",
+    "text before <|im_end|> text after<|endoftext|>",
+    "almost special <|im_start| and <im_end|> and <|unknown|>",
+    "<repo_name>ondevice<file_sep>tokenizer.py<filename>x.py",
+    "superscripts x² y³ ½ ¼ Ⅻ ٣٤٥ ०१२",
+    "punctuation!!! ??? ... --- *** ### @@@ \"quoted\" 'single'",
+    "https://example.com/path?query=1&b=two#frag",
+    "snake_case_name camelCaseName SCREAMING_CASE kebab-case",
+    "a" * 300,
+    " " * 17 + "x",
+    "=" * 64,
+    "math: ∑_{i=1}^{n} i = n(n+1)/2, ∀x ∈ ℝ, √2 ≈ 1.414",
+    "zero\u200bwidth joiner\u200d and bom \ufeff here",
+    "control \x00\x01\x1f chars",
+    LONG_PARAGRAPH,
+]
+
+
+def _unavailable(reason: str):
+    if os.environ.get("CI") == "true":
+        pytest.fail(f"{reason} (required when CI=true): {INSTALL_HINT}")
+    pytest.skip(f"{reason}: {INSTALL_HINT}")
+
+
+def _toolchain() -> tuple[str, str]:
+    """(kotlinc, kotlin-stdlib.jar) from the toolchain's env.sh."""
+    if not TOOLCHAIN_ENV.is_file():
+        _unavailable(f"Android toolchain not installed ({TOOLCHAIN_ENV} missing)")
+    out = subprocess.run(["bash", "-c", f'source "{TOOLCHAIN_ENV}" >/dev/null && printf "%s\\n%s\\n" '
+                                        '"$KOTLINC" "$KOTLIN_STDLIB"'],
+                         capture_output=True, text=True, check=True).stdout.splitlines()
+    kotlinc = out[0] if out and out[0] else shutil.which("kotlinc")
+    stdlib = out[1] if len(out) > 1 else ""
+    if not kotlinc or not shutil.which(kotlinc):
+        _unavailable("kotlinc not found")
+    if not Path(stdlib).is_file():
+        _unavailable(f"kotlin-stdlib.jar not found ({stdlib!r})")
+    if shutil.which("java") is None:
+        _unavailable("java not found")
+    return kotlinc, stdlib
+
+
+@pytest.fixture(scope="session")
+def parity_classpath(tmp_path_factory) -> str:
+    """Classpath of the compiled host program (the three Kotlin files + kotlin-stdlib)."""
+    kotlinc, stdlib = _toolchain()
+    jar = tmp_path_factory.mktemp("kotlin-tokenizer") / "parity.jar"
+    proc = subprocess.run([kotlinc, "-no-reflect", "-jvm-target", "1.6", *map(str, SOURCES), "-d", str(jar)],
+                          capture_output=True, text=True)
+    assert proc.returncode == 0, f"kotlinc failed:\n{proc.stderr}"
+    return f"{jar}{os.pathsep}{stdlib}"
+
+
+def run_parity(classpath: str, tokenizer_json: Path, strings: list[str], workdir: Path,
+               bench_text: str | None = None) -> tuple[list[dict], dict | None]:
+    """Runs TokenizerParity; returns its per-string results and its --bench report (or None)."""
+    inputs, output = workdir / "inputs.json", workdir / "results.json"
+    inputs.write_text(json.dumps(strings), encoding="utf-8")
+    cmd = ["java", "-cp", classpath, MAIN_CLASS, str(tokenizer_json), str(inputs), str(output)]
+    if bench_text is not None:
+        bench = workdir / "bench.txt"
+        bench.write_text(bench_text, encoding="utf-8")
+        cmd += ["--bench", str(bench)]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, f"TokenizerParity failed ({proc.returncode}):\n{proc.stderr}"
+    report = None
+    for line in proc.stderr.splitlines():
+        if line.startswith("BENCH "):
+            report = json.loads(line[len("BENCH "):])
+    return json.loads(output.read_text(encoding="utf-8")), report
+
+
+def bench_text() -> str:
+    """~200 KB of English, Python and Markdown: the repository's own sources plus the test strings."""
+    files = sorted((ROOT / "ondevice").glob("*.py")) + [ROOT / "README.md"]
+    return "\n".join([*STRINGS, *(f.read_text(encoding="utf-8") for f in files)])
+
+
+def python_tokens_per_s(tokenizer_json: Path, text: str) -> tuple[float, float]:
+    """(cold, best warm) tokens/s of `tokenizers` on text, measured like the JVM --bench."""
+    tok = Tokenizer.from_file(str(tokenizer_json))
+    t = time.perf_counter()
+    n = len(tok.encode(text, add_special_tokens=False).ids)
+    cold = n / (time.perf_counter() - t)
+    best = float("inf")
+    for _ in range(10):
+        t = time.perf_counter()
+        tok.encode(text, add_special_tokens=False)
+        best = min(best, time.perf_counter() - t)
+    return cold, n / best
+
+
+@pytest.fixture(scope="module")
+def tokenizer_json(smollm2_bundle) -> Path:
+    path = smollm2_bundle / "tokenizer.json"
+    assert path.is_file(), f"{smollm2_bundle} has no tokenizer.json"
+    return path
+
+
+@pytest.fixture(scope="module")
+def kotlin_run(parity_classpath, tokenizer_json, tmp_path_factory):
+    return run_parity(parity_classpath, tokenizer_json, STRINGS, tmp_path_factory.mktemp("parity"),
+                      bench_text=bench_text())
+
+
+@pytest.fixture(scope="module")
+def reference(tokenizer_json) -> Tokenizer:
+    return Tokenizer.from_file(str(tokenizer_json))
+
+
+def _mismatches(pairs) -> str:
+    return "\n".join(f"  {s!r:.80}: kotlin {k!r:.200} != python {p!r:.200}" for s, k, p in pairs[:10])
+
+
+def test_encode_matches_tokenizers(kotlin_run, reference, tokenizer_json):
+    results, report = kotlin_run
+    assert len(results) == len(STRINGS) >= 40
+    expected = [reference.encode(s, add_special_tokens=False).ids for s in STRINGS]
+    bad = [(s, r["ids"], e) for s, r, e in zip(STRINGS, results, expected) if r["ids"] != e]
+    print(f"\nencode parity: {len(STRINGS) - len(bad)}/{len(STRINGS)} strings")
+    assert not bad, f"{len(bad)}/{len(STRINGS)} strings tokenize differently:\n{_mismatches(bad)}"
+
+    py_cold, py_warm = python_tokens_per_s(tokenizer_json, bench_text())
+    print(f"encode speed on {report['chars']} chars ({report['tokens']} tokens): "
+          f"JVM cold {report['cold_tokens_per_s']:,.0f} tok/s, warm {report['warm_tokens_per_s']:,.0f} tok/s; "
+          f"Python tokenizers cold {py_cold:,.0f} tok/s, warm {py_warm:,.0f} tok/s; "
+          f"JVM tokenizer.json load {report['load_ms']:.0f} ms")
+    assert report["tokens"] == len(reference.encode(bench_text(), add_special_tokens=False).ids)
+
+
+@pytest.mark.parametrize("skip_special", [False, True])
+def test_decode_matches_tokenizers(kotlin_run, reference, skip_special):
+    results, _ = kotlin_run
+    key = "decoded_skip" if skip_special else "decoded"
+    bad = [(s, r[key], reference.decode(r["ids"], skip_special_tokens=skip_special))
+           for s, r in zip(STRINGS, results)]
+    bad = [b for b in bad if b[1] != b[2]]
+    assert not bad, f"decode differs:\n{_mismatches(bad)}"
+
+
+@pytest.mark.parametrize("skip_special", [False, True])
+def test_stream_detokenizer_equals_decode(kotlin_run, reference, skip_special):
+    """push() of each id, one at a time, then flush(), concatenated, is the whole decode."""
+    results, _ = kotlin_run
+    key = "streamed_skip" if skip_special else "streamed"
+    bad = [(s, r[key], reference.decode(r["ids"], skip_special_tokens=skip_special))
+           for s, r in zip(STRINGS, results)]
+    bad = [b for b in bad if b[1] != b[2]]
+    assert not bad, f"streamed text differs from decode:\n{_mismatches(bad)}"
+
+
+# Added tokens with the flags SmolLM2's own tokens don't use (all of them are special, unstripped,
+# non-normalized), checked against the library on the same vocabulary.
+EXTRA_TOKENS = [
+    ("<L>", {"lstrip": True}),
+    ("<R>", {"rstrip": True}),
+    ("<LR>", {"lstrip": True, "rstrip": True}),
+    ("word", {"single_word": True}),
+    ("<N>", {"normalized": True}),
+    ("hello", {"normalized": True, "special": False}),
+    ("<|im_end|>x", {}),
+    ("ĠĠ", {"special": False}),  # already in the vocabulary: keeps its vocabulary id
+]
+FLAG_STRINGS = [
+    "a  <L>b", "a <R>  b", " \t<LR>\n c", "<L><L>  <L>", "word words sword word_ word1 wordé -word- 'word'",
+    "x<N>y hello helloworld", "<|im_end|>x <|im_end|>", "ĠĠ  Ā", " <R> <L> ", "a\u00a0<L>\u3000<R>\u2003z",
+    "  <|im_start|>  ",
+]
+
+
+def test_added_token_flags_match_tokenizers(parity_classpath, tokenizer_json, tmp_path):
+    config = json.loads(tokenizer_json.read_text(encoding="utf-8"))
+    next_id = len(config["model"]["vocab"])
+    for content, flags in EXTRA_TOKENS:
+        config["added_tokens"].append({"id": next_id, "content": content, "single_word": False, "lstrip": False,
+                                       "rstrip": False, "normalized": False, "special": True, **flags})
+        next_id += 1
+    path = tmp_path / "flags.json"
+    path.write_text(json.dumps(config), encoding="utf-8")
+    reference = Tokenizer.from_file(str(path))
+    results, _ = run_parity(parity_classpath, path, FLAG_STRINGS, tmp_path)
+    for s, r in zip(FLAG_STRINGS, results):
+        ids = reference.encode(s, add_special_tokens=False).ids
+        assert r["ids"] == ids, s
+        assert r["decoded"] == reference.decode(ids, skip_special_tokens=False), s
+        assert r["decoded_skip"] == reference.decode(ids, skip_special_tokens=True), s
+
+
+@pytest.mark.parametrize("section, value, message", [
+    ("normalizer", {"type": "NFC"}, "normalizer"),
+    ("pre_tokenizer", {"type": "Metaspace", "replacement": "▁", "prepend_scheme": "always", "split": True},
+     "pre-tokenizer 'Metaspace' is not supported"),
+    ("decoder", {"type": "Metaspace", "replacement": "▁", "prepend_scheme": "always", "split": True},
+     "decoder 'Metaspace' is not supported"),
+    ("model", {"type": "Unigram", "unk_id": 0, "vocab": [["<unk>", 0.0]]}, "model type 'Unigram' is not supported"),
+])
+def test_unsupported_configs_are_rejected(parity_classpath, tokenizer_json, tmp_path, section, value, message):
+    config = json.loads(tokenizer_json.read_text(encoding="utf-8"))
+    config[section] = value
+    path = tmp_path / "unsupported.json"
+    path.write_text(json.dumps(config), encoding="utf-8")
+    (tmp_path / "inputs.json").write_text("[]", encoding="utf-8")
+    proc = subprocess.run(["java", "-cp", parity_classpath, MAIN_CLASS, str(path), str(tmp_path / "inputs.json")],
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 3, proc.stderr
+    assert "TokenizerException" in proc.stderr and message in proc.stderr
