@@ -3,6 +3,7 @@ package dev.ondevice.demo.host
 import dev.ondevice.demo.Json
 import dev.ondevice.demo.Message
 import dev.ondevice.demo.Model
+import dev.ondevice.demo.ModelException
 import dev.ondevice.demo.NativeBridge
 import dev.ondevice.demo.Settings
 import dev.ondevice.demo.TokenListener
@@ -13,7 +14,16 @@ import java.io.File
  *  "max_tokens": n, "temperature": t, "cancel_after": k?, "reset": bool?}]} and prints one JSON object
  *  with each run's prompt ids, generated ids, streamed text and stats. Runs share the model (chat turns). */
 fun main(args: Array<String>) {
-    val job = Json.parse(File(args[0]).readText()) as Map<*, *>
+    try {
+        run(args[0])
+    } catch (e: ModelException) {  // what the app shows the user: a message, not a crash
+        println(Json.write(mapOf("error" to e.message)))
+        System.exit(3)
+    }
+}
+
+private fun run(jobFile: String) {
+    val job = Json.parse(File(jobFile).readText()) as Map<*, *>
     val profile = (job["profile"] as? String)?.let { File(it).readText() }
     val loadStart = System.nanoTime()
     val model = Model.open(File(job["bundle"] as String), profile, verify = job["verify"] == true)
