@@ -11,7 +11,7 @@
 #      dexdump (MainActivity, NativeBridge, its methods NATIVE and exported by the bridge),
 #      llvm-readelf/llvm-nm on every packed .so (AArch64, NEEDED resolvable, bridge: no TEXTREL,
 #      16 KiB LOAD alignment, every undefined symbol defined by libonnxruntime.so or a system-lib stub)
-# Output: android_demo/build/ondevice-demo.apk and build/apk_report.txt; prints "APK CHECKS PASSED".
+# Output: android_demo/build/ondevice-demo.apk and build/apk/apk_report.txt; prints "APK CHECKS PASSED".
 #
 # Env: BUNDLE=path/to/x.bundle  ship that bundle in the APK (the app copies it to filesDir/bundle)
 #      ANDROID_TOOLCHAIN_HOME     toolchain prefix (default ~/.cache/android-toolchain)
@@ -44,8 +44,8 @@ BRIDGE_C="${BRIDGE_C:-$HERE/jni/ondevice_bridge.c}"
 PKG=dev.ondevice.demo
 PKG_PATH=dev/ondevice/demo
 MIN_SDK=24; TARGET_SDK=24
-B="$HERE/build"
-APK="$B/ondevice-demo.apk"
+B="$HERE/build/apk"  # build/host is build_host.sh's
+APK="$HERE/build/ondevice-demo.apk"
 LIBDIR=lib/arm64-v8a
 STUBS="$ANDROID_SYSROOT_LITE/lib/aarch64-linux-android"
 
