@@ -4,7 +4,7 @@ The app ships ONNX Runtime 1.17.1 (C API 17). Its CPU kernels lack three of the 
 graph is built from: GroupQueryAttention (fp16-only there), GatherBlockQuantized, and 8-bit
 MatMulNBits. This pass rewrites a bundle's `model.onnx` node by node, with no re-quantization:
 
-- GroupQueryAttention -> rotary + attention in standard ops. The cache is an input the graph only
+- GroupQueryAttention -> RotaryEmbedding (a contrib op 1.17 has) + attention in standard ops. The cache is an input the graph only
   reads ([1, kv_heads, capacity, head_dim] per layer, slots past `past_length` masked); the graph
   outputs only the new tokens' keys and values, which the caller writes into its cache rows. The
   past and the new tokens are scored apart and joined under one softmax, so the cache is never
@@ -49,8 +49,7 @@ class _Rewriter:
         self.new_inits: list[onnx.TensorProto] = []
         self.inits = {t.name: t for t in model.graph.initializer}
         self._consts: set[str] = set()
-        self._masks: dict[int, tuple[str, str]] = {}
-        self._rope: dict[str, tuple[str, str]] = {}
+        self._masks: dict[tuple[int, int], tuple[str, str]] = {}
 
     # -- plumbing ----------------------------------------------------------------------------
     def node(self, op: str, inputs: list[str], output: str, domain: str = "", **attrs) -> str:
@@ -71,7 +70,8 @@ class _Rewriter:
 
     # -- shared inputs -----------------------------------------------------------------------
     def positions(self) -> None:
-        """position_ids = past_length + [0, T), and the row the logits come from (T - 1)."""
+        """position_ids = past_length + [0, T), the row the logits come from (T - 1), the cache's
+        capacity and the position grids the masks compare."""
         t = self.node("Gather", [self.node("Shape", ["input_ids"], "android.ids_shape"), self.ints(1)], "android.T")
         t0 = self.node("Squeeze", [t, self.ints(0)], "android.T_scalar")
         steps = self.node("Range", [self.const("c.zero", np.array(0, np.int64)), t0,
@@ -79,21 +79,21 @@ class _Rewriter:
         pos = self.node("Add", [steps, "past_length"], "android.pos")
         self.node("Unsqueeze", [pos, self.ints(0)], "position_ids")
         self.node("Sub", [t, self.ints(1)], "logits_from")
+        cap = self.node("Gather", [self.node("Shape", ["past_key.0"], "android.cache_shape"), self.ints(2)],
+                        "android.capacity")
+        slots = self.node("Range", ["c.zero", self.node("Squeeze", [cap, self.ints(0)], "android.cap_scalar"), "c.one"],
+                          "android.slots")
+        self.node("Unsqueeze", [pos, self.ints(1)], "android.qpos")  # [T, 1]
+        self.node("Unsqueeze", [slots, self.ints(0)], "android.kpos")  # [1, capacity]
+        self.node("Unsqueeze", [pos, self.ints(0)], "android.npos")  # [1, T]
 
-    def masks(self, window: int) -> tuple[str, str]:
-        """Additive masks [T, capacity] over the cache (slots below past_length, inside the window)
-        and [T, T] over the new tokens (causal, inside the window); window <= 0: no window."""
-        if window in self._masks:
-            return self._masks[window]
-        p = f"android.mask{window if window > 0 else ''}"
-        if not self._masks:
-            cap = self.node("Gather", [self.node("Shape", ["past_key.0"], "android.cache_shape"), self.ints(2)],
-                            "android.capacity")
-            slots = self.node("Range", ["c.zero", self.node("Squeeze", [cap, self.ints(0)], "android.cap_scalar"),
-                                        "c.one"], "android.slots")
-            self.node("Unsqueeze", ["android.pos", self.ints(1)], "android.qpos")  # [T, 1]
-            self.node("Unsqueeze", [slots, self.ints(0)], "android.kpos")  # [1, capacity]
-            self.node("Unsqueeze", ["android.pos", self.ints(0)], "android.npos")  # [1, T]
+    def masks(self, window: int, group: int) -> tuple[str, str]:
+        """Additive masks [group * T, capacity] over the cache (slots below past_length, inside the
+        window) and [group * T, T] over the new tokens (causal, inside the window), row g * T + t for
+        query t of head g in a KV group; window <= 0: no window. Made once, shared by the layers."""
+        if (window, group) in self._masks:
+            return self._masks[window, group]
+        p = f"android.mask{window if window > 0 else ''}.g{group}"
         zero, neg = self.const("c.f0", np.array(0, np.float32)), self.const("c.neg", np.array(NEG, np.float32))
         past_ok = self.node("Less", ["android.kpos", "past_length"], p + ".past_filled")  # [1, capacity]
         new_ok = self.node("LessOrEqual", ["android.npos", "android.qpos"], p + ".causal")  # [T, T]
@@ -107,9 +107,11 @@ class _Rewriter:
         else:
             past_ok = self.node("Expand", [past_ok, self.node("Concat", ["android.T", "android.capacity"],
                                                               p + ".past_shape", axis=0)], p + ".past_ok")
-        self._masks[window] = (self.node("Where", [past_ok, zero, neg], p + ".past"),
-                               self.node("Where", [new_ok, zero, neg], p + ".new"))
-        return self._masks[window]
+        tiles = self.ints(group, 1)
+        self._masks[window, group] = tuple(
+            self.node("Tile", [self.node("Where", [ok, zero, neg], f"{p}.{name}1"), tiles], f"{p}.{name}")
+            for ok, name in ((past_ok, "past"), (new_ok, "new")))
+        return self._masks[window, group]
 
     # -- the three rewrites --------------------------------------------------------------------
     def attention(self, n: onnx.NodeProto) -> None:
@@ -125,54 +127,34 @@ class _Rewriter:
         if ins[1]:  # q, k and v as three inputs
             q, k, v = ins[0], ins[1], ins[2]
         else:  # packed [1, T, (heads + 2 kv) * hd]
-            cuts = [0, heads * hd, (heads + kv) * hd, (heads + 2 * kv) * hd]
-            q, k, v = (self.node("Slice", [ins[0], self.ints(cuts[j]), self.ints(cuts[j + 1]), self.ints(2)], f"{p}.{s}")
-                       for j, s in enumerate("qkv"))
-        q = self.node("Reshape", [q, self.ints(1, -1, heads, hd)], p + ".q4")
-        k = self.node("Reshape", [k, self.ints(1, -1, kv, hd)], p + ".k4")
-        v = self.node("Reshape", [v, self.ints(1, -1, kv, hd)], p + ".v4")
-        c, s = self.rope(cos, sin)
-        q = self.rotate(q, c, s, p + ".q")
-        k = self.rotate(k, c, s, p + ".k")
+            q, k, v = p + ".q", p + ".k", p + ".v"
+            self.nodes.append(helper.make_node("Split", [ins[0], self.ints(heads * hd, kv * hd, kv * hd)], [q, k, v],
+                                               name=p + "/Split", axis=2))
+        # rotary on [1, T, heads * hd] (ONNX Runtime 1.17 takes 3-d inputs, the head size from the table)
+        q = self.node("RotaryEmbedding", [q, "position_ids", cos, sin], p + ".q_rot", MS, interleaved=0)
+        k = self.node("RotaryEmbedding", [k, "position_ids", cos, sin], p + ".k_rot", MS, interleaved=0)
         layer = past_k.split("past_key", 1)[1]
-        q = self.node("Reshape", [self.node("Transpose", [q], p + ".qt", perm=[0, 2, 1, 3]),
-                                  self.ints(1, kv, -1, hd)], p + ".qg")  # [1, kv, group * T, hd]
-        k = self.node("Transpose", [k], "new_key" + layer, perm=[0, 2, 1, 3])  # [1, kv, T, hd]
-        v = self.node("Transpose", [v], "new_value" + layer, perm=[0, 2, 1, 3])
-        mask_past, mask_new = self.masks(int(a.get("local_window_size", -1)))
-        group = heads // kv
-        mask_past = self.node("Tile", [mask_past, self.ints(group, 1)], p + ".mask_past")  # rows g * T + t
-        mask_new = self.node("Tile", [mask_new, self.ints(group, 1)], p + ".mask_new")
+        q = self.node("Transpose", [self.node("Reshape", [q, self.ints(1, -1, heads, hd)], p + ".q4")], p + ".qt",
+                      perm=[0, 2, 1, 3])
+        q = self.node("Reshape", [q, self.ints(1, kv, -1, hd)], p + ".qg")  # [1, kv, group * T, hd]: rows g * T + t
+        k = self.node("Transpose", [self.node("Reshape", [k, self.ints(1, -1, kv, hd)], p + ".k4")],
+                      "new_key" + layer, perm=[0, 2, 1, 3])  # [1, kv, T, hd]
+        v = self.node("Transpose", [self.node("Reshape", [v, self.ints(1, -1, kv, hd)], p + ".v4")],
+                      "new_value" + layer, perm=[0, 2, 1, 3])
+        mask_past, mask_new = self.masks(int(a.get("local_window_size", -1)), heads // kv)
         s_past = self.node("FusedMatMul", [q, past_k], p + ".s_past", MS, transB=1, alpha=scale)
         s_new = self.node("FusedMatMul", [q, k], p + ".s_new", MS, transB=1, alpha=scale)
         scores = self.node("Concat", [self.node("Add", [s_past, mask_past], p + ".s_past_m"),
                                       self.node("Add", [s_new, mask_new], p + ".s_new_m")], p + ".scores", axis=-1)
         probs = self.node("Softmax", [scores], p + ".probs", axis=-1)
-        cap = self.node("Gather", [self.node("Shape", [past_k], p + ".cache_shape"), self.ints(2)], p + ".cap")
         big = self.ints(np.iinfo(np.int64).max)
-        p_past = self.node("Slice", [probs, self.ints(0), cap, self.ints(3)], p + ".p_past")
-        p_new = self.node("Slice", [probs, cap, big, self.ints(3)], p + ".p_new")
+        p_past = self.node("Slice", [probs, self.ints(0), "android.capacity", self.ints(3)], p + ".p_past")
+        p_new = self.node("Slice", [probs, "android.capacity", big, self.ints(3)], p + ".p_new")
         out = self.node("Add", [self.node("MatMul", [p_past, past_v], p + ".o_past"),
                                 self.node("MatMul", [p_new, v], p + ".o_new")], p + ".o")
         out = self.node("Transpose", [self.node("Reshape", [out, self.ints(1, heads, -1, hd)], p + ".oh")],
                         p + ".ot", perm=[0, 2, 1, 3])
         self.node("Reshape", [out, self.ints(1, -1, heads * hd)], p)
-
-    def rope(self, cos: str, sin: str) -> tuple[str, str]:
-        """The cos/sin rows of the positions, [1, T, 1, hd / 2] (one pair per table: local and global)."""
-        if cos not in self._rope:
-            self._rope[cos] = tuple(self.node("Unsqueeze", [self.node("Gather", [t, "position_ids"], f"{t}.rows"),
-                                                            self.ints(2)], f"{t}.at")
-                                    for t in (cos, sin))
-        return self._rope[cos]
-
-    def rotate(self, x: str, cos: str, sin: str, p: str) -> str:
-        half = self.hd // 2
-        x1 = self.node("Slice", [x, self.ints(0), self.ints(half), self.ints(3)], p + ".x1")
-        x2 = self.node("Slice", [x, self.ints(half), self.ints(self.hd), self.ints(3)], p + ".x2")
-        r1 = self.node("Sub", [self.node("Mul", [x1, cos], p + ".x1c"), self.node("Mul", [x2, sin], p + ".x2s")], p + ".r1")
-        r2 = self.node("Add", [self.node("Mul", [x2, cos], p + ".x2c"), self.node("Mul", [x1, sin], p + ".x1s")], p + ".r2")
-        return self.node("Concat", [r1, r2], p + ".rot", axis=3)
 
     def gather_blocks(self, n: onnx.NodeProto) -> None:
         a = {x.name: helper.get_attribute_value(x) for x in n.attribute}

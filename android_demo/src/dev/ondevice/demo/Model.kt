@@ -224,7 +224,7 @@ class Model private constructor(val info: BundleInfo, val tokenizer: Tokenizer, 
 
     companion object {
         const val PREFILL_CHUNK = 128  // bounds a chunk's attention masks [chunk, cache]
-        const val INITIAL_CAPACITY = 512
+        const val INITIAL_CAPACITY = 256  // slots; attention reads them all, so the cache starts small and doubles
 
         /** Opens the bundle folder (checked: manifest, paths inside it, file sizes; sha256 when `verify`). */
         fun open(bundleDir: File, profileJson: String?, verify: Boolean = false): Model {
