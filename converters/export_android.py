@@ -241,41 +241,61 @@ def _write_external(tensors: list[onnx.TensorProto], path: Path) -> None:
 
 def chat_format(tokenizer) -> dict:
     """The chat template as text around each message: {roles: {role: [before, after]}, first_system
-    (text a template adds when the conversation does not start with a system message),
-    generation_prompt}. Checked against the sandboxed jinja rendering on several conversations;
-    a template that is not of this shape (it trims, merges or reorders messages) raises."""
-    mark = "\x1f{}\x1f"
+    (text the template adds when the conversation does not start with a system message),
+    generation_prompt, strip_content (the template strips each message, as Python's str.strip)}. Derived by rendering marked messages, then checked against the sandboxed
+    jinja rendering on several conversations. A template that folds the system message into the
+    first turn (Gemma's) gets no "system" role; one that trims, merges or reorders user and
+    assistant messages raises."""
+    def mark(tag: str) -> str:
+        return f"\ue000{tag}\ue000"  # private use: neither whitespace nor likely in a template
 
-    def render(msgs, gen=False):
-        return tokenizer.render_chat(msgs, add_generation_prompt=gen)
+    def render(roles_tags: list[tuple[str, str]], gen: bool = False) -> str:
+        return tokenizer.render_chat([{"role": r, "content": mark(t)} for r, t in roles_tags], add_generation_prompt=gen)
 
-    def around(text: str, tag: str) -> tuple[str, str]:
-        before, _, after = text.partition(mark.format(tag))
-        return before, after
-
-    sys_before, sys_after = around(render([{"role": "system", "content": mark.format("S")}]), "S")
-    roles = {"system": [sys_before, sys_after]}
-    head = sys_before + mark.format("S") + sys_after
-    for role in ("user", "assistant"):
-        text = render([{"role": "system", "content": mark.format("S")}, {"role": role, "content": mark.format("R")}])
-        if not text.startswith(head):
+    def cut(text: str, prefix: str = "", suffix: str = "") -> str:
+        if not (text.startswith(prefix) and text.endswith(suffix)) or len(prefix) + len(suffix) > len(text):
             raise ChatTemplateError("the chat template does not render each message on its own; the Android app "
                                     "cannot use it")
-        roles[role] = list(around(text[len(head):], "R"))
-    alone = render([{"role": "user", "content": mark.format("R")}])
-    first_system = alone[:len(alone) - len("".join([roles["user"][0], mark.format("R"), roles["user"][1]]))]
-    gen = render([{"role": "user", "content": "x"}], True)[len(render([{"role": "user", "content": "x"}])):]
-    fmt = {"roles": roles, "first_system": first_system, "generation_prompt": gen}
-    probes = [[{"role": "user", "content": "Hi there!\n  Two lines. "}],
-              [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "What is 2+2?"},
-               {"role": "assistant", "content": "4"}, {"role": "user", "content": " And 3+3?\n"}],
-              [{"role": "user", "content": "a"}, {"role": "assistant", "content": "b\n\n"}, {"role": "user", "content": "c"}]]
-    for msgs in probes:
-        for gen_prompt in (True, False):
-            if format_chat(fmt, msgs, gen_prompt) != render(msgs, gen_prompt):
-                raise ChatTemplateError("the chat template is not text around each message (it trims, merges or "
-                                        "reorders them); the Android app cannot render it")
+        return text[len(prefix):len(text) - len(suffix)]
+
+    turns = render([("user", "X"), ("assistant", "Y"), ("user", "Z")])
+    lead, rest = turns.split(mark("X"), 1)
+    user_to_assistant, rest = rest.split(mark("Y"), 1)
+    assistant_to_user, user_after = rest.split(mark("Z"), 1)
+    assistant_after = render([("user", "X"), ("assistant", "Y")]).split(mark("Y"), 1)[1]
+    user_before = cut(assistant_to_user, prefix=assistant_after)
+    roles = {"user": [user_before, user_after],
+             "assistant": [cut(user_to_assistant, prefix=user_after), assistant_after]}
+    alone = render([("user", "X")])
+    fmt = {"roles": roles, "first_system": cut(lead, suffix=user_before),
+           "generation_prompt": cut(render([("user", "X")], True), prefix=alone)}
+    chats = [[("user", "Hi there!\n  Two lines. ")],
+             [("user", "a"), ("assistant", "b\n\n"), ("user", "c")],
+             [("user", " x"), ("assistant", "y "), ("user", "z\n"), ("assistant", "w")]]
+    with_system = [[("system", "Be brief."), ("user", "What is 2+2?"), ("assistant", "4"), ("user", " And 3+3?\n")],
+                   [("system", "S"), ("user", "u")]]
+    if not _renders_as(fmt, tokenizer, chats[:1]):
+        fmt["strip_content"] = True
+    try:
+        system_before, rest = render([("system", "S"), ("user", "X")]).split(mark("S"), 1)
+        system = [system_before, cut(rest.split(mark("X"), 1)[0], suffix=user_before)]
+        if _renders_as(dict(fmt, roles=dict(roles, system=system)), tokenizer, with_system):
+            roles["system"] = system
+    except (ChatTemplateError, ValueError):
+        pass  # no system role of its own
+    if not _renders_as(fmt, tokenizer, chats):
+        raise ChatTemplateError("the chat template is not text around each message (it trims, merges or "
+                                "reorders them); the Android app cannot render it")
     return fmt
+
+
+def _renders_as(fmt: dict, tokenizer, chats: list[list[tuple[str, str]]]) -> bool:
+    for chat in chats:
+        msgs = [{"role": r, "content": c} for r, c in chat]
+        for gen in (True, False):
+            if format_chat(fmt, msgs, gen) != tokenizer.render_chat(msgs, add_generation_prompt=gen):
+                return False
+    return True
 
 
 def format_chat(fmt: dict, messages: list[dict], add_generation_prompt: bool = True) -> str:
@@ -283,7 +303,7 @@ def format_chat(fmt: dict, messages: list[dict], add_generation_prompt: bool = T
     out = [fmt["first_system"]] if messages and messages[0]["role"] != "system" else []
     for m in messages:
         before, after = fmt["roles"][m["role"]]
-        out += [before, m["content"], after]
+        out += [before, m["content"].strip() if fmt.get("strip_content") else m["content"], after]
     return "".join(out) + (fmt["generation_prompt"] if add_generation_prompt else "")
 
 

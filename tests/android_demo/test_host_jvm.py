@@ -115,3 +115,17 @@ def test_a_prompt_over_the_context_is_a_clear_error(run_host, android_bundle):
     runs = [{"raw": "word " * 9000, "max_tokens": 8}]
     report = run_host({"bundle": str(android_bundle), "runs": runs}, expect_error=True)
     assert "context holds 8192" in report["error"]
+
+
+def test_a_stripping_chat_format_strips_as_python_does(run_host, android_bundle, tmp_path):
+    from ondevice.converters.export_android import format_chat
+
+    bundle = shutil.copytree(android_bundle, tmp_path / "strip.bundle")
+    manifest = json.loads((bundle / "manifest.json").read_text())
+    fmt = manifest["backends"]["android"]["chat_format"]
+    fmt["strip_content"] = True  # as for Gemma's template
+    (bundle / "manifest.json").write_text(json.dumps(manifest))
+    history = [{"role": "user", "content": " \u00a0\u2003Hi\u3000\t\n"}, {"role": "assistant", "content": "\x1cok\u200b "},
+               {"role": "user", "content": "\u0085more\u2028"}]
+    report = run_host({"bundle": str(bundle), "runs": [{"messages": history, "max_tokens": 1}]})
+    assert report["runs"][0]["rendered"] == format_chat(fmt, history)

@@ -72,10 +72,25 @@ def test_chat_format_renders_what_the_jinja_template_renders(tiny_bundle):
     assert format_chat(fmt, msgs[1:], False) == tok.render_chat(msgs[1:], add_generation_prompt=False)
 
 
-def test_a_template_that_trims_messages_is_refused(tiny_bundle):
+TRIMMING = ("{{ bos_token }}{% if messages[0]['role'] == 'system' %}{% set first = messages[0]['content'] + '\\n' %}"
+            "{% set msgs = messages[1:] %}{% else %}{% set first = '' %}{% set msgs = messages %}{% endif %}"
+            "{% for m in msgs %}<{{ m['role'] }}>{{ (first if loop.first else '') + m['content'] | trim }}</s>"
+            "{% endfor %}{% if add_generation_prompt %}<assistant>{% endif %}")
+
+
+def test_a_template_that_strips_messages_and_folds_the_system_prompt_is_rendered_without_a_system_role(tiny_bundle):
     tok = load_tokenizer(tiny_bundle)
-    tok.chat_template = ("{% for m in messages %}<{{ m['role'] }}>{{ m['content'] | trim }}</s>{% endfor %}"
-                         "{% if add_generation_prompt %}<assistant>{% endif %}")
+    tok.chat_template = TRIMMING  # the shape of Gemma's
+    fmt = chat_format(tok)
+    assert fmt["strip_content"] and "system" not in fmt["roles"]
+    msgs = [{"role": "user", "content": "  Hi \u00a0\n"}, {"role": "assistant", "content": "\tyes "},
+            {"role": "user", "content": "more?"}]
+    assert format_chat(fmt, msgs) == tok.render_chat(msgs)
+
+
+def test_a_template_that_changes_the_messages_is_refused(tiny_bundle):
+    tok = load_tokenizer(tiny_bundle)
+    tok.chat_template = "{% for m in messages %}<{{ m['role'] }}>{{ m['content'] | upper }}</s>{% endfor %}"
     with pytest.raises(ChatTemplateError, match="the Android app cannot"):
         chat_format(tok)
 
