@@ -1,17 +1,19 @@
 """The bundle's decoder graph rewritten for the Android app's runtime, ONNX Runtime 1.17.
 
-The app ships ONNX Runtime 1.17.1 (C API 17). Its CPU kernels lack three of the ops the bundle's
-graph is built from: GroupQueryAttention (fp16-only there), GatherBlockQuantized, and 8-bit
-MatMulNBits. This pass rewrites a bundle's `model.onnx` node by node, with no re-quantization:
+The app ships ONNX Runtime 1.17.1 (C API 17). Its CPU kernels lack some of the ops the bundle's
+graph is built from: GroupQueryAttention (fp16-only there), GatherBlockQuantized, 8-bit
+MatMulNBits, opset 20's Gelu. This pass rewrites a bundle's `model.onnx` node by node, with no
+re-quantization:
 
-- GroupQueryAttention -> RotaryEmbedding (a contrib op 1.17 has) + attention in standard ops. The cache is an input the graph only
-  reads ([1, kv_heads, capacity, head_dim] per layer, slots past `past_length` masked); the graph
+- GroupQueryAttention -> RotaryEmbedding (a contrib op 1.17 has) + attention in standard ops. The
+  cache is an input the graph only reads ([1, kv_heads, capacity, head_dim] per layer, slots past `past_length` masked); the graph
   outputs only the new tokens' keys and values, which the caller writes into its cache rows. The
   past and the new tokens are scored apart and joined under one softmax, so the cache is never
   concatenated (copied) inside the graph either.
 - GatherBlockQuantized (8-bit) -> Gather of the codes and scales, then (code - zero point) * scale.
 - MatMulNBits with 8-bit blocks -> two 4-bit MatMulNBits over the high and low nibbles (scales 16s
   and s): the same weights exactly, at 4-bit kernels' speed.
+- Gelu (opset 20) -> the contrib FastGelu (tanh) or Gelu (erf), which 1.17 has.
 
 Every initializer left as it was stays in the bundle's `model.onnx.data` (the new graph points at
 it); only the nibble halves go to `android.onnx.data`. The manifest gets `backends.android`: the
@@ -204,6 +206,9 @@ class _Rewriter:
                 self.gather_blocks(n)
             elif n.op_type == "MatMulNBits" and bits == 8:
                 self.matmul_8bit(n)
+            elif n.op_type == "Gelu" and n.domain in ("", "ai.onnx"):  # opset 20; 1.17 has the contrib ops
+                tanh = any(a.name == "approximate" and a.s == b"tanh" for a in n.attribute)
+                self.node("FastGelu" if tanh else "Gelu", list(n.input), n.output[0], MS)
             else:
                 self.nodes.append(n)
 

@@ -129,3 +129,25 @@ def test_bundle_records_exact_repacking_of_every_block_type(gemma3_model):
     assert tensors["embedding"] == "Q8_0 repacked" and tensors["lm_head"] == "tied to embedding"
     config = manifest["config"]
     assert config["layer_types"].count("full_attention") == 3 and config["sliding_window"] == 512
+
+
+def test_the_android_graph_gives_the_engine_s_greedy_tokens_past_the_sliding_window(gemma3_bundle, gemma3_model,
+                                                                                       tmp_path):
+    """export_android's rewrite of Gemma 3 (sliding-window masks, q/k norms, FastGelu, 8-bit blocks
+    split in nibbles), driven as the app's bridge drives it."""
+    import shutil
+
+    from android_graph import AndroidGraph
+
+    from ondevice.converters.export_android import export_android
+
+    bundle = shutil.copytree(gemma3_bundle, tmp_path / "gemma.bundle")
+    record = export_android(bundle)
+    assert "system" not in record["chat_format"]["roles"] and record["chat_format"]["strip_content"]
+    ids = gemma3_model.encode_prompt("word " * 700 + "The end. Now tell me a story.", raw=True)
+    assert len(ids) > 600  # past the 512-token window
+    tokens, logits = AndroidGraph(bundle, capacity=1024).greedy(ids, 8)
+    gemma3_model.reset()
+    engine = gemma3_model.generate(ids, max_tokens=8, temperature=0, ignore_eos=True)
+    assert tokens == engine.token_ids
+    np.testing.assert_allclose(logits[0], gemma3_model.backend.forward(ids, 0)[-1], atol=1e-3)
