@@ -174,6 +174,7 @@ class Model private constructor(val info: BundleInfo, val tokenizer: Tokenizer, 
             var past = commonPrefix(cached, prompt)
             if (past == prompt.size) past--  // the last prompt token runs again: its logits start the answer
             val fresh = prompt.size - past
+            cached = cached.copyOf(past)  // rows from `past` on are rewritten now: a failed step must not leave them claimed
             var pos = past
             while (pos < prompt.size) {
                 val n = minOf(PREFILL_CHUNK, prompt.size - pos)
