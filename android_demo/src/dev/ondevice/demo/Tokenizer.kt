@@ -6,21 +6,32 @@ import java.io.File
 class TokenizerException(message: String) : RuntimeException(message)
 
 /**
- * A byte-level BPE tokenizer read from a Hugging Face `tokenizer.json`, giving the same ids as the
- * Rust `tokenizers` library (`encode(text, add_special_tokens=False)`) and the same text on decode.
+ * A BPE tokenizer read from a Hugging Face `tokenizer.json`, giving the same ids as the Rust
+ * `tokenizers` library (`encode(text, add_special_tokens=False)`) and the same text on decode.
  *
- * Supported: no normalizer; pre-tokenizer ByteLevel, optionally after Digits (in a Sequence); a BPE
- * model (merges as "a b" strings or pairs, optional unk_token, ignore_merges); the ByteLevel decoder;
- * added tokens with their lstrip/rstrip/single_word/normalized/special flags. Anything else is
+ * Supported, in the two shapes real models use:
+ * - byte-level BPE (SmolLM2, GPT-2 style): no normalizer; pre-tokenizer ByteLevel, optionally after
+ *   Digits (in a Sequence); the ByteLevel decoder;
+ * - SentencePiece-style BPE (Gemma 3): normalizer Replace with string patterns (alone or in a
+ *   Sequence); no pre-tokenizer, so each stretch of text between added tokens is one word; BPE with
+ *   byte_fallback (characters missing from the vocabulary become `<0xNN>` tokens of their UTF-8
+ *   bytes); the decoder Replace (string patterns), then ByteFallback, then Fuse, in a Sequence.
+ *
+ * The BPE model: merges as "a b" strings or pairs, optional unk_token with fuse_unk, ignore_merges,
+ * byte_fallback. Added tokens with their lstrip/rstrip/single_word/normalized/special flags (those
+ * with normalized=true matched in the normalized text, by their normalized content). Anything else
+ * (other normalizers, pre-tokenizers and decoders, regex patterns, dropout, Prepend, Strip, ...) is
  * rejected with a [TokenizerException] when loading.
  *
- * [encode] keeps a word cache and is safe to call from several threads.
+ * [encode] keeps a cache of short words and is safe to call from several threads.
  */
 class Tokenizer private constructor(
     private val vocab: HashMap<String, Int>,
     private val vocabById: Array<String?>,
+    private val normalizer: Normalizer?,
+    private val preTokenizer: PreTokenizer?,
     private val bpe: Bpe,
-    private val preTokenizer: PreTokenizer,
+    private val decoder: Decoder,
     private val added: AddedVocabulary
 ) {
     companion object {
@@ -36,13 +47,13 @@ class Tokenizer private constructor(
 
         fun fromFile(f: File): Tokenizer = fromJson(f.readText(Charsets.UTF_8))
 
-        private fun create(vocab: HashMap<String, Int>, bpe: Bpe, preTokenizer: PreTokenizer,
-                           added: AddedVocabulary): Tokenizer {
+        private fun create(vocab: HashMap<String, Int>, normalizer: Normalizer?, preTokenizer: PreTokenizer?,
+                           bpe: Bpe, decoder: Decoder, added: AddedVocabulary): Tokenizer {
             var maxId = -1
             for (id in vocab.values) if (id > maxId) maxId = id
             val byId = arrayOfNulls<String>(maxId + 1)
             for ((token, id) in vocab) byId[id] = token
-            return Tokenizer(vocab, byId, bpe, preTokenizer, added)
+            return Tokenizer(vocab, byId, normalizer, preTokenizer, bpe, decoder, added)
         }
     }
 
@@ -51,6 +62,11 @@ class Tokenizer private constructor(
 
     private val cache = HashMap<String, IntArray>()
 
+    /**
+     * As `tokenizers`' AddedVocabulary.extract_and_normalize, then the model: added tokens with
+     * normalized=false are cut out of the raw text; each remaining piece is normalized, and the added
+     * tokens with normalized=true are cut out of that; what is left is pre-tokenized and BPE'd.
+     */
     fun encode(text: String): IntArray {
         val out = IntList()
         for (piece in added.split(text, normalized = false)) {
@@ -58,49 +74,63 @@ class Tokenizer private constructor(
                 out.add(piece.id)
                 continue
             }
-            // The normalizer is always null here, so "normalizing" a piece leaves it as it is.
-            for (sub in added.split(piece.text, normalized = true)) {
+            val normalized = if (normalizer == null) piece.text else normalizer.normalize(piece.text)
+            for (sub in added.split(normalized, normalized = true)) {
                 if (sub.id >= 0) out.add(sub.id) else encodeOrdinary(sub.text, out)
             }
         }
         return out.toArray()
     }
 
-    /** Text without added tokens: pre-tokenize, then BPE each word. */
+    /** Normalized text without added tokens: pre-tokenize (or take it whole), then BPE each word. */
     private fun encodeOrdinary(text: String, out: IntList) {
         if (text.length == 0) return
+        if (preTokenizer == null) {
+            encodeWord(text, out)
+            return
+        }
         val words = ArrayList<String>()
         preTokenizer.split(text, words)
         for (word in words) encodeWord(word, out)
     }
 
     private fun encodeWord(word: String, out: IntList) {
-        val cached = synchronized(cache) { cache[word] }
-        if (cached != null) {
-            out.addAll(cached)
-            return
+        val cacheable = word.length < Bpe.CACHE_MAX_WORD
+        if (cacheable) {
+            val cached = synchronized(cache) { cache[word] }
+            if (cached != null) {
+                out.addAll(cached)
+                return
+            }
         }
-        val ids = bpe.tokenize(word.toByteArray(Charsets.UTF_8), vocab)
-        if (word.length < Bpe.CACHE_MAX_WORD) {
+        val ids = bpe.tokenize(word, vocab)
+        if (cacheable) {
             synchronized(cache) { if (cache.size < Bpe.CACHE_CAPACITY) cache[word] = ids }
         }
         out.addAll(ids)
     }
 
-    /** The token string as `tokenizers` stores it (byte-level characters for vocabulary tokens), or null. */
+    /**
+     * The token string as `tokenizers` gives it to the decoder (its `id_to_token`): the vocabulary
+     * entry (byte-level characters, or `<0xNN>` for a byte token), or an added token's content (its
+     * normalized content if it has normalized=true), or null for an unknown id.
+     */
     fun tokenString(id: Int): String? {
         val a = added.byId(id)
-        if (a != null) return a.content
+        if (a != null) return a.form
         return if (id >= 0 && id < vocabById.size) vocabById[id] else null
     }
 
     /**
-     * The bytes one token stands for. As in the ByteLevel decoder, a token made only of byte-level
-     * characters maps to those bytes; any other token (e.g. `<|im_start|>`) to its UTF-8 content.
+     * The bytes one token stands for on its own. ByteLevel decoder: a token made only of byte-level
+     * characters maps to those bytes, any other token (e.g. `<|im_start|>`) to its UTF-8 content.
+     * SentencePiece-style decoder: a byte token to its byte, any other token to the UTF-8 of its text
+     * after the decoder's Replace steps. ([decode] of several tokens is not always the concatenation:
+     * invalid UTF-8 is replaced per run of bytes.)
      */
     fun tokenBytes(id: Int): ByteArray {
         val s = tokenString(id) ?: throw IllegalArgumentException("no token with id $id (vocabulary size $vocabSize)")
-        return ByteLevel.decodeToken(s)
+        return decoder.tokenBytes(s)
     }
 
     fun isSpecial(id: Int): Boolean {
@@ -112,21 +142,22 @@ class Tokenizer private constructor(
 
     /** Like `tokenizers` decode: unknown ids are dropped, specials too when [skipSpecial]. */
     fun decode(ids: IntArray, skipSpecial: Boolean = false): String {
-        val bytes = ByteBuffer()
+        val state = decoder.newState()
         for (id in ids) {
             if (!decodes(id, skipSpecial)) continue
-            bytes.append(tokenBytes(id))
+            state.push(tokenString(id)!!)
         }
-        val sb = StringBuilder(bytes.size)
-        Utf8.decodeLossy(bytes.data, 0, bytes.size, sb, true)
-        return sb.toString()
+        return state.drain(true)
     }
 
-    /** Whether [decode] turns this id into bytes (it is a known token and not a skipped special). */
+    /** Whether [decode] passes this id to the decoder (it is a known token and not a skipped special). */
     internal fun decodes(id: Int, skipSpecial: Boolean): Boolean {
         val s = tokenString(id) ?: return false
         return !(skipSpecial && added.isSpecialContent(s))
     }
+
+    /** Fresh decoder state for [StreamDetokenizer]. */
+    internal fun newDecodeState(): DecodeState = decoder.newState()
 
     // --- configuration --------------------------------------------------------------------------
 
@@ -143,26 +174,19 @@ class Tokenizer private constructor(
             }
             if (root["truncation"] != null) throw TokenizerException("truncation is not supported (set it to null)")
             if (root["padding"] != null) throw TokenizerException("padding is not supported (set it to null)")
-            val normalizer = root["normalizer"]
-            if (normalizer != null) {
-                throw TokenizerException("normalizer ${typeOf(normalizer, "normalizer")} is not supported (only null)")
-            }
+            val normalizer = Normalizer.fromConfig(root["normalizer"])
             val preTokenizer = PreTokenizer.fromConfig(root["pre_tokenizer"])
-            checkDecoder(root["decoder"])
+            val decoder = Decoder.fromConfig(root["decoder"])
             checkPostProcessor(root["post_processor"])
             val model = root["model"] as? Map<*, *> ?: throw TokenizerException("tokenizer.json has no model")
             val modelType = model["type"]
             if (modelType != "BPE") throw TokenizerException("model type '$modelType' is not supported (only BPE)")
             val vocab = readVocab(model)
-            val bpe = Bpe.fromConfig(model, vocab)
-            val added = AddedVocabulary.fromConfig(root["added_tokens"], vocab)
-            return Tokenizer.create(vocab, bpe, preTokenizer, added)
-        }
-
-        private fun checkDecoder(decoder: Any?) {
-            if (decoder == null) throw TokenizerException("decoder null is not supported (need ByteLevel)")
-            val type = typeOf(decoder, "decoder")
-            if (type != "ByteLevel") throw TokenizerException("decoder '$type' is not supported (only ByteLevel)")
+            // The ByteLevel pre-tokenizer (always the last step of a supported one) spells each word
+            // in byte-level characters; without it the BPE runs on the text's own characters.
+            val bpe = Bpe.fromConfig(model, vocab, byteLevel = preTokenizer != null)
+            val added = AddedVocabulary.fromConfig(root["added_tokens"], vocab, normalizer)
+            return Tokenizer.create(vocab, normalizer, preTokenizer, bpe, decoder, added)
         }
 
         private fun checkPostProcessor(pp: Any?) {
@@ -183,18 +207,242 @@ class Tokenizer private constructor(
         }
     }
 
+    // --- normalizer and decoders ----------------------------------------------------------------
+
+    /** A Replace step (normalizer or decoder) with a string pattern: every non-overlapping occurrence,
+     * leftmost first, becomes [content]. */
+    private class Replacement(private val pattern: String, private val content: String) {
+        companion object {
+            fun fromConfig(m: Map<*, *>, what: String): Replacement {
+                val pattern = m["pattern"] as? Map<*, *>
+                    ?: throw TokenizerException("$what Replace has no pattern object")
+                val string = pattern["String"]
+                if (pattern.size != 1 || string !is String) {
+                    throw TokenizerException("$what Replace with pattern ${Json.write(pattern)} is not supported " +
+                                             "(only {\"String\": ...})")
+                }
+                if (string.length == 0) throw TokenizerException("$what Replace with an empty pattern is not supported")
+                val content = m["content"] as? String ?: throw TokenizerException("$what Replace has no content string")
+                return Replacement(string, content)
+            }
+        }
+
+        fun apply(s: String): String {
+            var i = s.indexOf(pattern)
+            if (i < 0) return s
+            val sb = StringBuilder(s.length + 16)
+            var from = 0
+            while (i >= 0) {
+                sb.append(s, from, i).append(content)
+                from = i + pattern.length
+                i = s.indexOf(pattern, from)
+            }
+            sb.append(s, from, s.length)
+            return sb.toString()
+        }
+    }
+
+    /** The normalizer: Replace steps in order (a Sequence flattened). */
+    private class Normalizer(private val steps: List<Replacement>) {
+        companion object {
+            fun fromConfig(config: Any?): Normalizer? {
+                if (config == null) return null
+                val steps = ArrayList<Replacement>()
+                flatten(config, steps)
+                return Normalizer(steps)
+            }
+
+            private fun flatten(config: Any, out: MutableList<Replacement>) {
+                val type = typeOf(config, "normalizer")
+                val map = config as Map<*, *>
+                when (type) {
+                    "Sequence" -> {
+                        val items = map["normalizers"] as? List<*>
+                            ?: throw TokenizerException("Sequence normalizer without a \"normalizers\" list")
+                        for (item in items) flatten(item ?: throw TokenizerException("null normalizer in Sequence"), out)
+                    }
+                    "Replace" -> out.add(Replacement.fromConfig(map, "normalizer"))
+                    else -> throw TokenizerException(
+                        "normalizer '$type' is not supported (only Replace with a string pattern, alone or in a Sequence)")
+                }
+            }
+        }
+
+        fun normalize(s: String): String {
+            var r = s
+            for (step in steps) r = step.apply(r)
+            return r
+        }
+    }
+
+    /** Decoding state over a sequence of token strings: [push] each, [drain] the text completed so far. */
+    internal abstract class DecodeState {
+        abstract fun push(token: String)
+
+        /** The text decoded since the last drain; with [final], everything still held back too. */
+        abstract fun drain(final: Boolean): String
+    }
+
+    /** The decoder chain, as `tokenizers` applies it to the token strings of decode(). */
+    private abstract class Decoder {
+        abstract fun newState(): DecodeState
+
+        abstract fun tokenBytes(token: String): ByteArray
+
+        companion object {
+            private val KNOWN_DECODERS = setOf("Replace", "ByteFallback", "Fuse", "ByteLevel")
+
+            fun fromConfig(config: Any?): Decoder {
+                if (config == null) {
+                    throw TokenizerException("decoder null is not supported (need ByteLevel, or Replace/ByteFallback/Fuse)")
+                }
+                val steps = ArrayList<Map<*, *>>()
+                flatten(config, steps)
+                if (steps.size == 1 && typeOf(steps[0], "decoder") == "ByteLevel") return ByteLevelDecoder
+                val replacements = ArrayList<Replacement>()
+                var byteFallback = false
+                var fused = false
+                for (step in steps) {
+                    val type = typeOf(step, "decoder")
+                    if (type !in KNOWN_DECODERS) {
+                        throw TokenizerException("decoder '$type' is not supported (only ByteLevel, " +
+                                                 "or Replace, ByteFallback and Fuse in a Sequence)")
+                    }
+                    if (fused) throw TokenizerException("decoder '$type' after Fuse is not supported")
+                    when (type) {
+                        "Replace" -> {
+                            if (byteFallback) throw TokenizerException("decoder Replace after ByteFallback is not supported")
+                            replacements.add(Replacement.fromConfig(step, "decoder"))
+                        }
+                        "ByteFallback" -> {
+                            if (byteFallback) throw TokenizerException("decoder ByteFallback twice is not supported")
+                            byteFallback = true
+                        }
+                        "Fuse" -> fused = true // the decoded tokens are joined anyway
+                        else -> throw TokenizerException("decoder ByteLevel is supported only on its own")
+                    }
+                }
+                return PieceDecoder(replacements, byteFallback)
+            }
+
+            private fun flatten(config: Any, out: MutableList<Map<*, *>>) {
+                if (typeOf(config, "decoder") != "Sequence") {
+                    out.add(config as Map<*, *>)
+                    return
+                }
+                val items = (config as Map<*, *>)["decoders"] as? List<*>
+                    ?: throw TokenizerException("Sequence decoder without a \"decoders\" list")
+                for (item in items) flatten(item ?: throw TokenizerException("null decoder in Sequence"), out)
+            }
+        }
+    }
+
+    /** ByteLevel: every token's bytes joined, then decoded as UTF-8 with U+FFFD for invalid bytes. */
+    private object ByteLevelDecoder : Decoder() {
+        override fun newState(): DecodeState = State()
+
+        override fun tokenBytes(token: String): ByteArray = ByteLevel.decodeToken(token)
+
+        private class State : DecodeState() {
+            private val pending = ByteBuffer()
+
+            override fun push(token: String) = pending.append(ByteLevel.decodeToken(token))
+
+            /** Not [final]: an incomplete but so far valid UTF-8 sequence at the end is held back. */
+            override fun drain(final: Boolean): String {
+                if (pending.size == 0) return ""
+                val sb = StringBuilder(pending.size)
+                val used = Utf8.decodeLossy(pending.data, 0, pending.size, sb, final)
+                pending.dropFirst(used)
+                return sb.toString()
+            }
+        }
+    }
+
+    /**
+     * Replace steps on each token, then (with ByteFallback) runs of consecutive `<0xNN>` tokens become
+     * their bytes decoded as UTF-8 (a run that is not valid UTF-8 as a whole becomes one U+FFFD per
+     * byte, as `tokenizers` does), then Fuse: everything joined.
+     */
+    private class PieceDecoder(private val replacements: List<Replacement>,
+                               private val byteFallback: Boolean) : Decoder() {
+        override fun newState(): DecodeState = State()
+
+        private fun replaced(token: String): String {
+            var s = token
+            for (r in replacements) s = r.apply(s)
+            return s
+        }
+
+        /** The byte of a `<0xNN>` token as ByteFallback reads it (Rust's u8::from_str_radix), or -1. */
+        private fun byteOf(s: String): Int {
+            if (!byteFallback || s.length != 6 || !s.startsWith("<0x") || s[5] != '>') return -1
+            val hi = s[3]
+            val lo = Character.digit(s[4], 16)
+            if (lo < 0 || s[4].toInt() >= 0x80) return -1
+            if (hi == '+') return lo
+            val h = Character.digit(hi, 16)
+            return if (h < 0 || hi.toInt() >= 0x80) -1 else h * 16 + lo
+        }
+
+        override fun tokenBytes(token: String): ByteArray {
+            val s = replaced(token)
+            val b = byteOf(s)
+            return if (b >= 0) byteArrayOf(b.toByte()) else s.toByteArray(Charsets.UTF_8)
+        }
+
+        /**
+         * A run of byte tokens is held back until it ends (a text token, or the final drain): whether
+         * it decodes to text or to U+FFFDs depends on the whole run.
+         */
+        private inner class State : DecodeState() {
+            private val run = ByteBuffer()
+            private val text = StringBuilder()
+
+            override fun push(token: String) {
+                val s = replaced(token)
+                val b = byteOf(s)
+                if (b >= 0) {
+                    run.append(b)
+                } else {
+                    endRun()
+                    text.append(s)
+                }
+            }
+
+            override fun drain(final: Boolean): String {
+                if (final) endRun()
+                val out = text.toString()
+                text.setLength(0)
+                return out
+            }
+
+            private fun endRun() {
+                if (run.size == 0) return
+                if (Utf8.isValid(run.data, 0, run.size)) {
+                    Utf8.decodeLossy(run.data, 0, run.size, text, true)
+                } else {
+                    for (k in 0 until run.size) text.append('\uFFFD')
+                }
+                run.clear()
+            }
+        }
+    }
+
     // --- added tokens ---------------------------------------------------------------------------
 
-    private class AddedToken(val id: Int, val content: String, val singleWord: Boolean, val lstrip: Boolean,
-                             val rstrip: Boolean, val normalized: Boolean, val special: Boolean)
+    /** [form]: what is matched in the text and given to the decoder: the content, normalized if the
+     * token has normalized=true (as `tokenizers` 0.23 keeps it). */
+    private class AddedToken(val id: Int, val content: String, val form: String, val singleWord: Boolean,
+                             val lstrip: Boolean, val rstrip: Boolean, val normalized: Boolean, val special: Boolean)
 
     /** A piece of the input: either an added token ([id] >= 0) or ordinary text ([id] == -1). */
     private class Piece(val text: String, val id: Int)
 
     /**
-     * Added tokens are cut out of the raw text before pre-tokenization, as `tokenizers` does: leftmost
-     * longest match, first the tokens with normalized=false, then (in the remaining text) those with
-     * normalized=true.
+     * Added tokens are cut out of the text before pre-tokenization, as `tokenizers` does: leftmost
+     * longest match, first the tokens with normalized=false in the raw text, then those with
+     * normalized=true (by their normalized content) in the normalized remaining text.
      */
     private class AddedVocabulary(tokens: Collection<AddedToken>, private val specialContents: Set<String>) {
         private val byContent = HashMap<String, AddedToken>()
@@ -217,7 +465,7 @@ class Tokenizer private constructor(
         companion object {
             /** Ids are assigned like `tokenizers` does on load: the id of the same content in the vocabulary
              * (or an earlier added token), else the next free id after the vocabulary. */
-            fun fromConfig(config: Any?, vocab: Map<String, Int>): AddedVocabulary {
+            fun fromConfig(config: Any?, vocab: Map<String, Int>, normalizer: Normalizer?): AddedVocabulary {
                 val list = when (config) {
                     null -> emptyList<Any?>()
                     is List<*> -> config
@@ -233,10 +481,15 @@ class Tokenizer private constructor(
                     if (content.length == 0) continue
                     val id = byContent[content]?.id ?: vocab[content] ?: nextId++
                     val isSpecial = flag(m, "special", false)
+                    val normalized = flag(m, "normalized", !isSpecial)
+                    val form = if (normalized && normalizer != null) normalizer.normalize(content) else content
+                    if (form.length == 0) {
+                        throw TokenizerException("added token '$content' normalizes to an empty string")
+                    }
                     byContent.remove(content) // keep the last definition, as the library does
-                    byContent[content] = AddedToken(id, content, flag(m, "single_word", false),
+                    byContent[content] = AddedToken(id, content, form, flag(m, "single_word", false),
                                                     flag(m, "lstrip", false), flag(m, "rstrip", false),
-                                                    flag(m, "normalized", !isSpecial), isSpecial)
+                                                    normalized, isSpecial)
                     if (isSpecial) special.add(content)
                 }
                 return AddedVocabulary(byContent.values, special)
@@ -263,7 +516,7 @@ class Tokenizer private constructor(
                     continue
                 }
                 var start = i
-                var stop = i + token.content.length
+                var stop = i + token.form.length
                 i = stop // the search goes on after the match even if the match is discarded below
                 if (token.singleWord && !isSingleWord(s, start, stop)) continue
                 if (token.lstrip) start = Math.max(whitespaceStartBefore(s, start), startOffset)
@@ -308,14 +561,14 @@ class Tokenizer private constructor(
             val isEmpty = tokens.isEmpty()
 
             init {
-                for ((c, group) in tokens.groupBy { it.content[0] }) {
-                    byFirst[c] = group.sortedByDescending { it.content.length }.toTypedArray()
+                for ((c, group) in tokens.groupBy { it.form[0] }) {
+                    byFirst[c] = group.sortedByDescending { it.form.length }.toTypedArray()
                 }
             }
 
             fun longestAt(s: String, i: Int): AddedToken? {
                 val candidates = byFirst[s[i]] ?: return null
-                for (t in candidates) if (s.startsWith(t.content, i)) return t
+                for (t in candidates) if (s.startsWith(t.form, i)) return t
                 return null
             }
         }
@@ -327,9 +580,10 @@ class Tokenizer private constructor(
     private class PreTokenizer(private val digits: List<Boolean>, private val prefixSpace: Boolean,
                                private val useRegex: Boolean) {
         companion object {
-            fun fromConfig(config: Any?): PreTokenizer {
+            /** null for no pre-tokenizer (the text between added tokens is one word). */
+            fun fromConfig(config: Any?): PreTokenizer? {
+                if (config == null) return null
                 val steps = ArrayList<Map<*, *>>()
-                if (config == null) throw TokenizerException("pre_tokenizer null is not supported (need ByteLevel)")
                 flatten(config, steps)
                 val digits = ArrayList<Boolean>()
                 for ((i, step) in steps.withIndex()) {
@@ -518,14 +772,22 @@ class Tokenizer private constructor(
 
     // --- BPE ------------------------------------------------------------------------------------
 
+    /**
+     * The BPE model. [byteLevel]: words come spelled in byte-level characters (after the ByteLevel
+     * pre-tokenizer), one initial symbol per UTF-8 byte; otherwise one per character (code point).
+     * [byteFallback]: a character missing from the vocabulary becomes the `<0xNN>` tokens of its
+     * UTF-8 bytes (if they all exist) instead of unk.
+     */
     private class Bpe(private val merges: PairMap, private val byteIds: IntArray, private val unkId: Int,
-                      private val fuseUnk: Boolean, private val ignoreMerges: Boolean) {
+                      private val fuseUnk: Boolean, private val ignoreMerges: Boolean,
+                      private val byteLevel: Boolean, private val byteFallback: Boolean,
+                      private val byteTokenIds: IntArray, private val charIds: IntArray?) {
         companion object {
             // As the Rust BPE cache: words up to this length, at most this many of them.
             const val CACHE_MAX_WORD = 256
             const val CACHE_CAPACITY = 10000
 
-            fun fromConfig(model: Map<*, *>, vocab: Map<String, Int>): Bpe {
+            fun fromConfig(model: Map<*, *>, vocab: Map<String, Int>, byteLevel: Boolean): Bpe {
                 val dropout = model["dropout"]
                 if (dropout != null && (dropout as? Number)?.toDouble() != 0.0) {
                     throw TokenizerException("BPE dropout is not supported")
@@ -534,13 +796,23 @@ class Tokenizer private constructor(
                     val v = model[key]
                     if (v != null && v != "") throw TokenizerException("BPE $key is not supported")
                 }
-                if (flag(model, "byte_fallback", false)) throw TokenizerException("BPE byte_fallback is not supported")
+                val byteFallback = flag(model, "byte_fallback", false)
                 val unk = model["unk_token"]
                 val unkId = if (unk == null) -1 else vocab[unk as? String ?: ""]
                     ?: throw TokenizerException("unk_token $unk is not in the vocabulary")
                 val byteIds = IntArray(256) { vocab[ByteLevel.byteToChar[it].toString()] ?: -1 }
+                // The names the Rust model looks up: format!("<{b:#04X}>"), e.g. <0x0A>.
+                val hex = "0123456789ABCDEF"
+                val byteTokenIds = IntArray(256) { vocab["<0x" + hex[it shr 4] + hex[it and 15] + ">"] ?: -1 }
+                var charIds: IntArray? = null
+                if (!byteLevel || byteFallback) {
+                    // Single-character tokens of the Basic Multilingual Plane, by character (others by lookup).
+                    val ids = IntArray(65536) { -1 }
+                    for ((token, id) in vocab) if (token.length == 1) ids[token[0].toInt()] = id
+                    charIds = ids
+                }
                 return Bpe(readMerges(model, vocab), byteIds, unkId, flag(model, "fuse_unk", false),
-                           flag(model, "ignore_merges", false))
+                           flag(model, "ignore_merges", false), byteLevel, byteFallback, byteTokenIds, charIds)
             }
 
             private fun readMerges(model: Map<*, *>, vocab: Map<String, Int>): PairMap {
@@ -572,15 +844,78 @@ class Tokenizer private constructor(
             }
         }
 
-        /** Ids of one pre-tokenized word given as UTF-8 bytes. */
-        fun tokenize(bytes: ByteArray, vocab: Map<String, Int>): IntArray {
-            if (bytes.isEmpty()) return IntArray(0)
+        /** Ids of one pre-tokenized word. */
+        fun tokenize(word: String, vocab: Map<String, Int>): IntArray {
+            if (word.length == 0) return IntArray(0)
+            if (byteLevel && !byteFallback) {
+                val bytes = word.toByteArray(Charsets.UTF_8)
+                if (ignoreMerges) {
+                    val whole = vocab[ByteLevel.encode(bytes)]
+                    if (whole != null) return intArrayOf(whole)
+                }
+                val symbols = initialSymbols(bytes)
+                return mergeAll(symbols.data, symbols.size)
+            }
+            val spelled = if (byteLevel) ByteLevel.encode(word.toByteArray(Charsets.UTF_8)) else word
             if (ignoreMerges) {
-                val whole = vocab[ByteLevel.encode(bytes)]
+                val whole = vocab[spelled]
                 if (whole != null) return intArrayOf(whole)
             }
-            val symbols = initialSymbols(bytes)
+            val symbols = initialSymbolsOfChars(spelled, vocab)
             return mergeAll(symbols.data, symbols.size)
+        }
+
+        /**
+         * One symbol per character, as the Rust merge_word: a character in the vocabulary is its token;
+         * else its byte tokens (byte_fallback, all of them present); else unk (fused or not; a pending
+         * unk is emitted only before the next known character, as there) or nothing.
+         */
+        private fun initialSymbolsOfChars(s: String, vocab: Map<String, Int>): IntList {
+            val ids = charIds!!
+            val symbols = IntList(s.length)
+            var pendingUnk = false
+            var i = 0
+            while (i < s.length) {
+                val cp = Character.codePointAt(s, i)
+                val n = Character.charCount(cp)
+                val id = if (n == 1) ids[s[i].toInt()] else vocab[s.substring(i, i + n)] ?: -1
+                if (id >= 0) {
+                    if (pendingUnk) symbols.add(unkId)
+                    pendingUnk = false
+                    symbols.add(id)
+                } else if (!(byteFallback && addByteTokens(cp, symbols)) && unkId >= 0) {
+                    if (pendingUnk && !fuseUnk) symbols.add(unkId)
+                    pendingUnk = true
+                }
+                i += n
+            }
+            if (pendingUnk) symbols.add(unkId)
+            return symbols
+        }
+
+        /** Adds the byte tokens of [cp]'s UTF-8 encoding, if the vocabulary has all of them. */
+        private fun addByteTokens(cp: Int, out: IntList): Boolean {
+            val bytes = IntArray(4)
+            val n = when {
+                cp < 0x80 -> { bytes[0] = cp; 1 }
+                cp < 0x800 -> { bytes[0] = 0xC0 or (cp shr 6); bytes[1] = 0x80 or (cp and 0x3F); 2 }
+                cp < 0x10000 -> {
+                    if (cp in 0xD800..0xDFFF) {
+                        bytes[0] = '?'.toInt() // a lone surrogate: what String.toByteArray makes of it
+                        1
+                    } else {
+                        bytes[0] = 0xE0 or (cp shr 12); bytes[1] = 0x80 or ((cp shr 6) and 0x3F)
+                        bytes[2] = 0x80 or (cp and 0x3F); 3
+                    }
+                }
+                else -> {
+                    bytes[0] = 0xF0 or (cp shr 18); bytes[1] = 0x80 or ((cp shr 12) and 0x3F)
+                    bytes[2] = 0x80 or ((cp shr 6) and 0x3F); bytes[3] = 0x80 or (cp and 0x3F); 4
+                }
+            }
+            for (k in 0 until n) if (byteTokenIds[bytes[k]] < 0) return false
+            for (k in 0 until n) out.add(byteTokenIds[bytes[k]])
+            return true
         }
 
         /** One symbol per byte; bytes missing from the vocabulary become unk (fused or not) or are dropped. */
@@ -768,9 +1103,18 @@ class Tokenizer private constructor(
             size += bytes.size
         }
 
+        fun append(b: Int) {
+            if (size == data.size) data = data.copyOf(data.size * 2)
+            data[size++] = b.toByte()
+        }
+
         fun dropFirst(n: Int) {
             System.arraycopy(data, n, data, 0, size - n)
             size -= n
+        }
+
+        fun clear() {
+            size = 0
         }
     }
 
@@ -823,6 +1167,30 @@ class Tokenizer private constructor(
             return i
         }
 
+        /** Whether bytes[from, to) are valid UTF-8 (Rust's String::from_utf8 succeeds). */
+        fun isValid(bytes: ByteArray, from: Int, to: Int): Boolean {
+            var i = from
+            while (i < to) {
+                val b0 = bytes[i].toInt() and 0xFF
+                if (b0 < 0x80) {
+                    i++
+                    continue
+                }
+                val need = continuationCount(b0)
+                if (need == 0 || i + need >= to) return false
+                val lo = when (b0) { 0xE0 -> 0xA0; 0xF0 -> 0x90; else -> 0x80 }
+                val hi = when (b0) { 0xED -> 0x9F; 0xF4 -> 0x8F; else -> 0xBF }
+                for (j in i + 1..i + need) {
+                    val b = bytes[j].toInt() and 0xFF
+                    val min = if (j == i + 1) lo else 0x80
+                    val max = if (j == i + 1) hi else 0xBF
+                    if (b < min || b > max) return false
+                }
+                i += need + 1
+            }
+            return true
+        }
+
         /** Continuation bytes after a valid lead byte, or 0 for a byte that cannot start a sequence. */
         private fun continuationCount(b0: Int): Int = when (b0) {
             in 0xC2..0xDF -> 1
@@ -834,28 +1202,23 @@ class Tokenizer private constructor(
 }
 
 /**
- * Incremental decoding for generation: [push] each new id and get the text it completes; bytes of a
- * character split over several tokens are held back until the character is complete. The
- * concatenation of all [push] results and [flush] equals [Tokenizer.decode] of the same ids.
+ * Incremental decoding for generation: [push] each new id and get the text it completes. Text that
+ * later ids can still change is held back: with the ByteLevel decoder, the bytes of a character
+ * split over several tokens until the character is complete; with ByteFallback, a run of `<0xNN>`
+ * tokens until it ends (a text token or [flush]), since a run that is not valid UTF-8 as a whole
+ * decodes to one U+FFFD per byte. The concatenation of all [push] results and [flush] equals
+ * [Tokenizer.decode] of the same ids.
  */
 class StreamDetokenizer(private val tok: Tokenizer, private val skipSpecial: Boolean = false) {
-    private val pending = Tokenizer.ByteBuffer()
+    private val state = tok.newDecodeState()
 
     fun push(id: Int): String {
         if (!tok.decodes(id, skipSpecial)) return ""
-        pending.append(tok.tokenBytes(id))
-        return drain(false)
+        state.push(tok.tokenString(id)!!)
+        return state.drain(false)
     }
 
-    fun flush(): String = drain(true)
-
-    private fun drain(final: Boolean): String {
-        if (pending.size == 0) return ""
-        val sb = StringBuilder(pending.size)
-        val used = Tokenizer.Utf8.decodeLossy(pending.data, 0, pending.size, sb, final)
-        pending.dropFirst(used)
-        return sb.toString()
-    }
+    fun flush(): String = state.drain(true)
 }
 
 private fun typeOf(config: Any, what: String): String {
