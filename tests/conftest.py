@@ -10,6 +10,7 @@ import shutil
 from pathlib import Path
 
 import pytest
+from android_host import HostRunner, build_host
 from models import smollm2_gguf_path, write_tiny_llama_gguf
 
 import ondevice
@@ -98,3 +99,9 @@ def smollm2_bundle(tmp_path_factory) -> Path:
     if smollm2_gguf_path() is None:
         pytest.skip(f"SmolLM2 GGUF not installed: {SMOLLM2_PIP}")
     return ondevice.convert("smollm2-135m", tmp_path_factory.mktemp("smollm2") / "smollm2.bundle", progress=False)
+
+
+@pytest.fixture(scope="session")
+def run_host(tmp_path_factory) -> HostRunner:
+    """The Android app's Kotlin + C bridge on the host JVM (built once): run_host(job, runtime)."""
+    return HostRunner(build_host(), tmp_path_factory.mktemp("host-jobs"))

@@ -151,3 +151,24 @@ def test_the_android_graph_gives_the_engine_s_greedy_tokens_past_the_sliding_win
     engine = gemma3_model.generate(ids, max_tokens=8, temperature=0, ignore_eos=True)
     assert tokens == engine.token_ids
     np.testing.assert_allclose(logits[0], gemma3_model.backend.forward(ids, 0)[-1], atol=1e-3)
+
+
+def test_the_android_app_s_kotlin_and_bridge_give_the_engine_s_greedy_tokens(gemma3_bundle, gemma3_model, run_host,
+                                                                              tmp_path):
+    """The app's path on the host JVM (Tokenizer.kt on Gemma's SentencePiece-style tokenizer.json, the
+    chat format without a system role, the C bridge over ONNX Runtime 1.17.0)."""
+    import shutil
+
+    from ondevice.converters.export_android import export_android
+
+    bundle = shutil.copytree(gemma3_bundle, tmp_path / "gemma.bundle")
+    export_android(bundle)
+    report = run_host({"bundle": str(bundle), "runs": [{"messages": [{"role": "user", "content": c}], "max_tokens": 16,
+                                                        "reset": True} for c in CHAT]}, "ort117")
+    for run, prompt in zip(report["runs"], CHAT):
+        assert run["prompt_ids"] == gemma3_model.encode_prompt(prompt)
+        gemma3_model.reset()
+        g = gemma3_model.generate(prompt, max_tokens=16, temperature=0)
+        ids = g.token_ids[:-1] if g.finish_reason == "stop" else g.token_ids
+        assert run["ids"] == ids
+        assert run["text"] == g.text

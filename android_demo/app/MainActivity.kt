@@ -45,7 +45,8 @@ class MainActivity : Activity() {
         override fun toString() = label
     }
 
-    private class LoadResult(val name: String?, val providers: List<String>?, val error: String?, val ms: Long)
+    private class LoadResult(val name: String?, val providers: List<String>?, val error: String?, val ms: Long,
+                             val skipped: String = "")
 
     private val ui = Handler(Looper.getMainLooper())
     private val worker: ExecutorService = Executors.newSingleThreadExecutor { r -> Thread(null, r, "ondevice-model", WORKER_STACK) }
@@ -469,7 +470,7 @@ class MainActivity : Activity() {
             val result = try {
                 val m = Model.open(entry.dir, profileJson)
                 opened = m
-                val r = LoadResult(m.name, ArrayList(m.providers), null, SystemClock.elapsedRealtime() - t0)
+                val r = LoadResult(m.name, ArrayList(m.providers), null, SystemClock.elapsedRealtime() - t0, m.skippedProviders)
                 workerModel = m
                 r
             } catch (t: Throwable) {
@@ -490,7 +491,8 @@ class MainActivity : Activity() {
         loading = false
         if (r.error == null) {
             modelName = r.name
-            modelStatus.text = "${r.name}: loaded in ${r.ms} ms\nproviders: ${r.providers?.joinToString(", ")}"
+            modelStatus.text = "${r.name}: loaded in ${r.ms} ms\nproviders: ${r.providers?.joinToString(", ")}" +
+                if (r.skipped.isNotEmpty()) "\nnot used: ${r.skipped}" else ""
         } else {
             modelName = null
             modelStatus.text = "Load failed after ${r.ms} ms:\n${r.error}"

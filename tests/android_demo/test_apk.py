@@ -6,7 +6,7 @@ the bridge's imports resolved and its JNI names exported)."""
 import subprocess
 import zipfile
 
-from conftest import REPO, need_toolchain
+from android_host import REPO, need_toolchain
 
 
 def test_the_apk_builds_signed_and_checked_with_the_bridge_and_onnx_runtime_inside():

@@ -6,7 +6,7 @@ import json
 import shutil
 
 import pytest
-from conftest import REPO
+from android_host import REPO
 from test_smollm2 import CHAT, RAW
 
 import ondevice
@@ -81,13 +81,18 @@ def test_sampling_with_a_seed_is_reproducible_and_differs_from_greedy(run_host, 
     assert a["ids"] != greedy["ids"]
 
 
-def test_profile_providers_missing_from_the_runtime_fall_back_to_cpu(run_host, android_bundle):
-    profile = REPO / "profiles/snapdragon-8gen3-phone.json"  # QNN, XNNPACK, CPU; the PyPI wheel has neither of the first two
-    report = run_host({"bundle": str(android_bundle), "profile": str(profile),
+@pytest.mark.parametrize("profile, missing", [
+    ("snapdragon-8gen3-phone", ["QNNExecutionProvider (not in this ONNX Runtime build)", "XnnpackExecutionProvider ("]),
+    ("tensor-g3-phone", ["NnapiExecutionProvider (not in this ONNX Runtime build)", "XnnpackExecutionProvider ("]),
+])
+def test_profile_providers_missing_from_the_runtime_fall_back_to_cpu(run_host, android_bundle, profile, missing):
+    # the host's PyPI runtime has neither QNN, NNAPI nor XNNPACK: each is named, CPU runs
+    report = run_host({"bundle": str(android_bundle), "profile": str(REPO / f"profiles/{profile}.json"),
                        "runs": [{"raw": "Hello", "max_tokens": 2}]})
     assert report["providers"] == ["CPUExecutionProvider"]
-    assert "QNNExecutionProvider (not in this ONNX Runtime build)" in report["skipped_providers"]
-    assert "XnnpackExecutionProvider" in report["skipped_providers"]
+    for name in missing:
+        assert name in report["skipped_providers"]
+    assert len(report["runs"][0]["ids"]) == 2
 
 
 @pytest.mark.parametrize("damage, message", [
