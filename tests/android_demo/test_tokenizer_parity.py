@@ -12,13 +12,13 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 import subprocess
 import sys
 import time
 from pathlib import Path
 
 import pytest
+from android_host import need_toolchain, toolchain_var
 from tokenizers import Tokenizer
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -26,8 +26,6 @@ DEMO = ROOT / "android_demo"
 SOURCES = [DEMO / "src/dev/ondevice/demo/Json.kt", DEMO / "src/dev/ondevice/demo/Tokenizer.kt",
            DEMO / "host/TokenizerParity.kt"]
 MAIN_CLASS = "dev.ondevice.demo.host.TokenizerParityKt"
-TOOLCHAIN_ENV = Path.home() / ".cache/android-toolchain/env.sh"
-INSTALL_HINT = "run the Android toolchain's install.sh (shared/android-toolchain/README.md), which writes that env.sh"
 
 LONG_PARAGRAPH = (
     "Small language models can run entirely on a phone: the weights are quantized to four bits, the "
@@ -88,35 +86,12 @@ STRINGS = [
 ]
 
 
-def _unavailable(reason: str):
-    if os.environ.get("CI") == "true":
-        pytest.fail(f"{reason} (required when CI=true): {INSTALL_HINT}")
-    pytest.skip(f"{reason}: {INSTALL_HINT}")
-
-
-def _toolchain() -> tuple[str, str]:
-    """(kotlinc, kotlin-stdlib.jar) from the toolchain's env.sh."""
-    if not TOOLCHAIN_ENV.is_file():
-        _unavailable(f"Android toolchain not installed ({TOOLCHAIN_ENV} missing)")
-    out = subprocess.run(["bash", "-c", f'source "{TOOLCHAIN_ENV}" >/dev/null && printf "%s\\n%s\\n" '
-                                        '"$KOTLINC" "$KOTLIN_STDLIB"'],
-                         capture_output=True, text=True, check=True).stdout.splitlines()
-    kotlinc = out[0] if out and out[0] else shutil.which("kotlinc")
-    stdlib = out[1] if len(out) > 1 else ""
-    if not kotlinc or not shutil.which(kotlinc):
-        _unavailable("kotlinc not found")
-    if not Path(stdlib).is_file():
-        _unavailable(f"kotlin-stdlib.jar not found ({stdlib!r})")
-    if shutil.which("java") is None:
-        _unavailable("java not found")
-    return kotlinc, stdlib
-
-
 @pytest.fixture(scope="session")
 def parity_classpath(request, tmp_path_factory) -> str:
     """Classpath of the compiled host program (the three Kotlin files + kotlin-stdlib). When Gemma
     tests are selected, their tokenizer.json is built meanwhile (both take ~10 s)."""
-    kotlinc, stdlib = _toolchain()
+    need_toolchain()
+    kotlinc, stdlib = toolchain_var("KOTLINC") or "kotlinc", toolchain_var("KOTLIN_STDLIB")
     if any("gemma_tokenizer_json" in getattr(item, "fixturenames", ()) for item in request.session.items):
         build, _ = _gemma_build(tmp_path_factory)
         request.addfinalizer(lambda: build.poll() is None and build.kill())  # a session cut short
