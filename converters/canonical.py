@@ -10,6 +10,8 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
+from ondevice.errors import SourceFormatError
+
 
 @dataclass
 class QTensor:
@@ -57,3 +59,46 @@ class Checkpoint:
     chat_template: str | None
     special_tokens: dict = field(default_factory=dict)
     provenance: dict = field(default_factory=dict)
+
+
+# --- checks of what a checkpoint claims -----------------------------------------------------------
+
+MAX_SIZE = 2**31 - 1  # a dimension, count or context of a model: int32 in the graphs
+
+
+def gguf_number(meta: dict, key: str, kind: type = int, default: int | float | None = None) -> int | float:
+    """meta[key] (or default) as a positive int (kind=int) or a positive finite number (kind=float):
+    every size and rope/norm constant a config reads is one. SourceFormatError otherwise."""
+    value = meta.get(key, default)
+    if value is None:
+        raise SourceFormatError(f"GGUF metadata lacks {key}")
+    if isinstance(value, bool) or not isinstance(value, (int, float) if kind is float else int):
+        raise SourceFormatError(f"GGUF metadata {key} should be a{'n integer' if kind is int else ' number'}, "
+                                f"not {type(value).__name__} {str(value)[:40]}")
+    if not (0 < value <= MAX_SIZE if kind is int else 0 < value < float("inf")):
+        raise SourceFormatError(f"GGUF metadata {key} = {value} is out of range for a model")
+    return kind(value)
+
+
+def check_shapes(weights: dict[str, Weight], expected, optional: set[str] = frozenset()) -> None:
+    """Every (name, shape) of expected (an iterable: checked lazily, so a huge layer count claimed by
+    damaged metadata fails at the first missing tensor) is in weights with that shape; names in
+    optional may be absent. SourceFormatError naming the first tensor that is not."""
+    for name, shape in expected:
+        w = weights.get(name)
+        if w is None:
+            if name in optional:
+                continue
+            raise SourceFormatError(f"the checkpoint lacks tensor {name} (its metadata describes a model with it)")
+        if tuple(w.shape) != tuple(shape):
+            raise SourceFormatError(f"tensor {name} has shape {list(w.shape)}, the model's metadata implies "
+                                    f"{list(shape)}: the checkpoint is damaged or inconsistent")
+
+
+def check_attention(cfg) -> None:
+    """What the graph needs of a config's attention sizes: query heads that share the KV heads evenly
+    and an even head size (rope rotates pairs of dimensions)."""
+    if cfg.num_heads % cfg.num_kv_heads or cfg.head_dim % 2:
+        raise SourceFormatError(f"the model's metadata is inconsistent: {cfg.num_heads} heads over "
+                                f"{cfg.num_kv_heads} KV heads of size {cfg.head_dim} (the heads must share the KV "
+                                "heads evenly, the head size must be even)")

@@ -16,7 +16,7 @@ from tqdm import tqdm
 from ondevice.bundle import MANIFEST, ORIGINAL_IDS, VOCAB_MAP, atomic_bundle_dir, read_bundle, sha256_file, write_manifest
 from ondevice.converters import int8_prefill as int8
 from ondevice.converters.arch import get_architecture
-from ondevice.converters.canonical import Checkpoint
+from ondevice.converters.canonical import Checkpoint, check_shapes
 from ondevice.converters.export_onnx import GraphBuilder
 from ondevice.converters.quantize import QuantSpec
 from ondevice.converters.sources import read_source, resolve_source
@@ -28,6 +28,7 @@ CONVERTER_VERSION = "0.1.0"
 _END_OF_TURN = ("<|im_end|>", "<|eot_id|>", "<end_of_turn>", "<|endoftext|>", "</s>")
 COMPUTE_ACCURACY_LEVEL = {"float": 0, "int8": 4}  # -> MatMulNBits accuracy_level
 DEFAULT_SPLIT_CHUNK = 256  # split prefill graphs' chunk: mllm-NPU's choice
+MAX_CONTEXT = 1 << 20  # tokens: the rope tables of a longer context would not fit a phone (or the converter)
 GENERATION_DEFAULTS = {"temperature": 0.2, "top_k": 0, "top_p": 0.9, "min_p": 0.0,
                        "repetition_penalty": 1.0, "max_tokens": 256}
 
@@ -143,12 +144,18 @@ def _convert(source, out, spec: QuantSpec, max_context, compute, force, steps, s
                    flash=flash, **{f"trim_{k}": v for k, v in (trim or {}).items()})
     fmt = ckpt.provenance["format"]
     cfg = (arch.config_from_gguf if fmt == "gguf" else arch.config_from_hf)(ckpt.metadata, ckpt.weights)
+    if fmt == "gguf":  # the tensors the metadata implies, before anything is reshaped by its sizes
+        check_shapes(ckpt.weights, arch.gguf_shapes(cfg))
     if "tflite" in targets or "coreml" in targets:
         from ondevice.converters.torch_model import decoder_class
 
         decoder_class(cfg)  # architectures without a torch module fail here, before any export
     weights = (arch.canonical_from_gguf if fmt == "gguf" else arch.canonical_from_hf)(ckpt.weights, cfg)
     context = min(max_context or cfg.max_context, cfg.max_context)
+    if context > MAX_CONTEXT:
+        raise SourceFormatError(f"{path.name}: a context of {context} tokens is more than a bundle holds (at most "
+                                f"{MAX_CONTEXT}: the graph carries rope tables of that many rows); convert with "
+                                "a smaller max_context (--max-context)")
     trim_record, original_ids = None, None
     if trim:
         steps.set_postfix_str("trimming")

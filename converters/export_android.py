@@ -345,6 +345,13 @@ def export_android(bundle_path: str | os.PathLike) -> dict:
                             producer_name="ondevice.export_android")
     out.ir_version = IR_VERSION
     onnx.save(out, os.fspath(folder / (GRAPH + ".partial")))
+    if {GRAPH, DATA} & set(bundle.manifest["files"]) or "android" in bundle.manifest["backends"]:
+        # an earlier export: drop it from the manifest before its files change, so that a kill between
+        # the renames below and the new manifest leaves a bundle whose checksums still match
+        earlier = dict(bundle.manifest, backends={k: v for k, v in bundle.manifest["backends"].items()
+                                                  if k != "android"},
+                       files={k: v for k, v in bundle.manifest["files"].items() if k not in (GRAPH, DATA)})
+        _replace_manifest(folder, earlier)
     for name in (DATA, GRAPH):
         os.replace(folder / (name + ".partial"), folder / name)
 
@@ -361,6 +368,14 @@ def export_android(bundle_path: str | os.PathLike) -> dict:
         p = folder / name
         files[name] = {"bytes": p.stat().st_size, "sha256": sha256_file(p)}
     manifest["files"] = files
+    _replace_manifest(folder, manifest)
+    return record
+
+
+def _replace_manifest(folder: Path, manifest: dict) -> None:
+    """Write manifest.json in one rename (a temporary file first, synced)."""
+    for stale in folder.glob(".manifest.*"):  # left by an export that was killed before its rename
+        stale.unlink(missing_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=".manifest.", dir=folder)
     with os.fdopen(fd, "w") as f:
         f.write(json.dumps(manifest, indent=2) + "\n")
@@ -368,4 +383,3 @@ def export_android(bundle_path: str | os.PathLike) -> dict:
         os.fsync(f.fileno())
     os.chmod(tmp, 0o644)
     os.replace(tmp, folder / MANIFEST)
-    return record

@@ -8,19 +8,25 @@
 
 from __future__ import annotations
 
+import logging
 import os
 import time
 from pathlib import Path
 
-from ondevice.engine import Generation, Model
-from ondevice.errors import (BundleError, BundleExistsError, ChatTemplateError, ContextOverflowError,
-                             ModelNotFoundError, OndeviceError, SourceFormatError,
+from ondevice.engine import Generation, Model, whole_number
+from ondevice.errors import (BudgetTooSmallError, BundleError, BundleExistsError, ChatTemplateError,
+                             ContextOverflowError, DraftMismatchError, InvalidArgumentError, ModelBusyError,
+                             ModelNotFoundError, OndeviceError, ProviderError, SourceFormatError,
                              TokenizerMismatchError, UnsupportedArchitectureError)
 
 __version__ = "0.1.0"
-__all__ = ["load", "convert", "Model", "Generation", "OndeviceError", "BundleError", "BundleExistsError",
-           "ChatTemplateError", "ContextOverflowError", "ModelNotFoundError", "SourceFormatError",
+__all__ = ["load", "convert", "Model", "Generation", "OndeviceError", "BudgetTooSmallError", "BundleError",
+           "BundleExistsError", "ChatTemplateError", "ContextOverflowError", "DraftMismatchError",
+           "InvalidArgumentError", "ModelBusyError", "ModelNotFoundError", "ProviderError", "SourceFormatError",
            "TokenizerMismatchError", "UnsupportedArchitectureError"]
+
+log = logging.getLogger(__name__)
+SPLIT_PREFILL_POLICIES = ("out-of-order", "in-order")
 
 
 def load(path: str | os.PathLike, *, threads: int | None = None, verify: bool = True,
@@ -32,20 +38,28 @@ def load(path: str | os.PathLike, *, threads: int | None = None, verify: bool = 
     """Open a bundle: check it (sha256 of every file unless verify=False) and create the session once.
 
     The checksums are computed in a thread while ONNX Runtime builds its session; the model is
-    handed out only after they all match. draft (a draft bundle with the same tokenizer) and/or
-    lookup (prompt-lookup drafts) turn on speculative decoding: the output stays exactly the
-    model's own; `model.speculator = None` turns it off again. prefill_chunk: prompts run in chunks of
+    handed out only after they all match. Bad argument values raise InvalidArgumentError (a ValueError).
+    providers: the ONNX Runtime execution providers to run on, in order (names or (name, options)
+    pairs; default CPU). Each must be in this onnxruntime build and start, else ProviderError (which
+    lists the providers the build has): a list given here never falls back silently.
+    draft (a draft bundle with the same tokenizer) and/or lookup (prompt-lookup drafts) turn on
+    speculative decoding: the output stays exactly the model's own; `model.speculator = None` turns it
+    off again. A draft with another tokenizer raises TokenizerMismatchError, one that proposes token ids
+    the target lacks DraftMismatchError; a draft with a shorter context than the target's drafts while
+    the text fits in it, then decoding goes on without it. prefill_chunk: prompts run in chunks of
     exactly this many tokens (the last one padded), the static shapes an NPU graph needs.
     split_prefill: prompts prefill through the bundle's split graphs (convert with split_prefill=...):
     linear subgraphs on one worker, attention on another, in an out-of-order schedule (True, or
     "out-of-order") or chunk by chunk ("in-order"); runtimes/split_prefill.py.
     profile: a device profile (name in profiles/, a path, or "host"): its plan picks the execution
-    providers (the first available of its preference list; each fallback is logged), the prefill
-    chunk and the threads, unless given here. int8_prefill: prompts prefill in fixed-size chunks through
-    the bundle's int8 graph (convert with int8_prefill=True); decoding stays on the float graph.
+    providers (the first available of its preference list; each fallback is logged, as is a provider
+    that does not start), the prefill chunk and the threads, unless given here. int8_prefill: prompts
+    prefill in fixed-size chunks through the bundle's int8 graph (convert with int8_prefill=True);
+    decoding stays on the float graph.
     dram_budget: run with the FFN weights in the bundle's flash store (convert with flash=True) under
     this DRAM budget (bytes, or a string such as "70MB"): the resident weights plus a window of
-    recently used FFN neurons, the rest read from storage per token (runtimes/flash_mlp.py).
+    recently used FFN neurons, the rest read from storage per token (runtimes/flash_mlp.py); below what
+    must stay resident it raises BudgetTooSmallError, saying how much to give.
     ffn_fraction: the share of FFN neurons each token keeps there (default 0.8, measured; 1.0 = all);
     ffn_select: how they are chosen: "top-k" |silu(gate)| (default), "threshold" (per-layer thresholds
     calibrated at conversion for that fraction), "predictor" (the low-rank predictors, if converted).
@@ -57,17 +71,20 @@ def load(path: str | os.PathLike, *, threads: int | None = None, verify: bool = 
 
     from ondevice.bundle import read_bundle, verify_checksums
     from ondevice.runtimes.memory import trim_heap
-    from ondevice.runtimes.onnx import OnnxBackend, share_thread_pool
+    from ondevice.runtimes.onnx import OnnxBackend, check_providers, dropped_providers, share_thread_pool
     from ondevice.tokenizer import load_tokenizer
 
     started = time.perf_counter()
     if backend not in ("onnx", "tflite", "coreml"):
-        raise ValueError(f"backend must be 'onnx', 'tflite' or 'coreml', not {backend!r}")
+        raise InvalidArgumentError(f"backend must be 'onnx', 'tflite' or 'coreml', not {backend!r}")
+    _check_load_args(threads=threads, prefill_chunk=prefill_chunk, split_prefill=split_prefill)
     if backend != "onnx":
         return _load_static(path, backend, threads=threads, verify=verify, started=started,
                             onnx_only=dict(draft=draft, lookup=lookup, prefill_chunk=prefill_chunk,
                                            split_prefill=split_prefill, profile=profile, int8_prefill=int8_prefill,
                                            dram_budget=dram_budget, providers=providers))
+    explicit_providers = providers is not None
+    check_providers(providers)
     plan = None
     if profile is not None:
         plan = _plan(profile)
@@ -84,6 +101,7 @@ def load(path: str | os.PathLike, *, threads: int | None = None, verify: bool = 
         try:
             backend = OnnxBackend(bundle, threads=threads, providers=providers, threading=threading,
                                   main_graph=dram_budget is None)
+            _check_started(dropped_providers(backend.session, providers), explicit_providers)
             if dram_budget is not None:
                 backend.flash_layers = _flash_layers(bundle, backend, dram_budget, ffn_fraction, ffn_select, threads,
                                                      providers)
@@ -94,8 +112,6 @@ def load(path: str | os.PathLike, *, threads: int | None = None, verify: bool = 
     trim_heap()  # the graph protos and tokenizer JSON parsed above
     model.plan = plan
     if prefill_chunk is not None:
-        if prefill_chunk < 1:
-            raise ValueError("prefill_chunk must be a positive number of tokens")
         backend.chunk_size = int(prefill_chunk)
     if split_prefill:
         from ondevice.runtimes.split_prefill import SplitPrefill
@@ -110,6 +126,27 @@ def load(path: str | os.PathLike, *, threads: int | None = None, verify: bool = 
     return model
 
 
+def _check_load_args(*, threads, prefill_chunk, split_prefill) -> None:
+    if threads is not None:
+        whole_number("threads", threads, at_least=1)
+    if prefill_chunk is not None:
+        whole_number("prefill_chunk", prefill_chunk, at_least=1)
+    if split_prefill not in (None, False, True, *SPLIT_PREFILL_POLICIES):
+        raise InvalidArgumentError(f"split_prefill must be True, False or one of {', '.join(SPLIT_PREFILL_POLICIES)}, "
+                                   f"not {split_prefill!r}")
+
+
+def _check_started(dropped: list[str], explicit: bool) -> None:
+    """A provider that is in this build but failed to start: an error when the caller named it, a logged
+    fallback when a device profile preferred it."""
+    if not dropped:
+        return
+    line = f"{dropped[0]} is in this onnxruntime build but did not start (ONNX Runtime went on without it)"
+    if explicit:
+        raise ProviderError(f"{line}: leave it out of providers, or fix what it needs (its libraries, options)")
+    log.warning("%s: falling back to the next provider", line)
+
+
 def _load_static(path, backend: str, *, threads: int | None, verify: bool, started: float,
                  onnx_only: dict) -> Model:
     """A bundle's TFLite or Core ML model: static shapes, a cache of fixed size, no speculation."""
@@ -117,7 +154,7 @@ def _load_static(path, backend: str, *, threads: int | None, verify: bool, start
 
     asked = sorted(k for k, v in onnx_only.items() if v)
     if asked:
-        raise ValueError(f"{', '.join(asked)}: not available on the {backend} backend (use backend='onnx')")
+        raise InvalidArgumentError(f"{', '.join(asked)}: not available on the {backend} backend (use backend='onnx')")
     bundle = read_bundle(path, verify=verify)
     if backend == "tflite":
         from ondevice.runtimes.tflite import TFLiteBackend
@@ -147,15 +184,20 @@ def parse_bytes(size: int | str) -> int:
     try:
         return int(float(text) * factor)
     except ValueError:
-        raise ValueError(f"cannot read {size!r} as a size: give bytes or a number with KB/MB/GB/MiB") from None
+        raise InvalidArgumentError(f"cannot read {size!r} as a size: give bytes or a number with KB/MB/GB/MiB"
+                                   ) from None
 
 
 def _flash_layers(bundle, backend, dram_budget, ffn_fraction, ffn_select, threads, providers):
     from ondevice.runtimes.flash_layers import FlashLayers
-    from ondevice.runtimes.flash_mlp import DEFAULT_FRACTION, FlashMlp
+    from ondevice.runtimes.flash_mlp import DEFAULT_FRACTION, SELECTIONS, FlashMlp
 
     if not isinstance(bundle.manifest.get("flash"), dict):
         raise BundleError(f"{bundle.path}: a DRAM budget needs the FFN in a flash store; convert with --flash")
+    if ffn_select not in SELECTIONS:
+        raise InvalidArgumentError(f"ffn_select must be one of {', '.join(SELECTIONS)}, not {ffn_select!r}")
+    if ffn_fraction is not None and not (isinstance(ffn_fraction, (int, float)) and 0 < ffn_fraction <= 1):
+        raise InvalidArgumentError(f"ffn_fraction must be in (0, 1], not {ffn_fraction!r}")
     mlp = FlashMlp(bundle, parse_bytes(dram_budget), select=ffn_select,
                    fraction=DEFAULT_FRACTION if ffn_fraction is None else ffn_fraction)
     try:
@@ -178,7 +220,10 @@ def _speculator(model: Model, draft, lookup: bool, threads: int | None, verify: 
 
     drafter = None
     if draft is not None:
-        d = read_bundle(draft, verify=verify)
+        try:
+            d = read_bundle(draft, verify=verify)
+        except BundleError as e:
+            raise BundleError(f"the draft: {e}") from e
         mine = model.bundle.manifest.get("files", {}).get(model.bundle.manifest["tokenizer"]["file"], {})
         theirs = d.manifest.get("files", {}).get(d.manifest["tokenizer"]["file"], {})
         if mine.get("sha256") is None or mine.get("sha256") != theirs.get("sha256"):
@@ -187,6 +232,7 @@ def _speculator(model: Model, draft, lookup: bool, threads: int | None, verify: 
                 "mean other text; convert a draft from the same model family (ondevice convert SRC OUT "
                 f"--draft-of {model.bundle.path})")
         drafter = DraftModel(OnnxBackend(d, threads=threads, threading=threading), d.vocab_map())
+        _check_draft_vocab(d, drafter, model)
     spec = Speculator(vocab_size=model.backend.vocab_size, draft=drafter,
                       lookup=PromptLookup() if lookup else None)
     # Drafting during verification pays only on separate compute: an NPU target, or cores to spare.
@@ -196,6 +242,17 @@ def _speculator(model: Model, draft, lookup: bool, threads: int | None, verify: 
     spec.config.pipeline = (model.backend.providers[0] != "CPUExecutionProvider"
                             or (os.cpu_count() or 1) >= 2 * used)
     return spec
+
+
+def _check_draft_vocab(draft, drafter, model: Model) -> None:
+    """Every token id the draft can propose must be one the target has (the same tokenizer may come
+    with more embedding rows in one model than in the other)."""
+    proposes = drafter.backend.vocab_size if drafter.vocab_map is None else int(drafter.vocab_map.max()) + 1
+    if proposes > model.backend.vocab_size:
+        raise DraftMismatchError(
+            f"draft {draft.path} proposes token ids up to {proposes - 1} but {model.bundle.path} has "
+            f"{model.backend.vocab_size} token ids: use a draft with the target's vocabulary "
+            f"(ondevice convert SRC OUT --draft-of {model.bundle.path})")
 
 
 def convert(source: str | os.PathLike, out: str | os.PathLike, *, quant: str = "q4", block_size: int = 32,

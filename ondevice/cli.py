@@ -104,7 +104,7 @@ def cmd_chat(args) -> int:
                 sys.stdout.flush()
         except OndeviceError as e:  # e.g. the conversation outgrew the context
             messages.pop()
-            print(f"\nerror: {e} (use /reset to start a new conversation)", file=sys.stderr)
+            print(f"\nerror: {one_line(e)} (use /reset to start a new conversation)", file=sys.stderr)
             continue
         except KeyboardInterrupt:  # Ctrl-C stops this answer, not the chat
             print("\n[stopped]", file=sys.stderr)
@@ -455,6 +455,11 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+def one_line(error: BaseException) -> str:
+    """An error's message on one line (some wrap ONNX Runtime's own, which span several)."""
+    return " ".join(str(error).split()) or type(error).__name__
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args, extra = parser.parse_known_args(argv)
@@ -466,7 +471,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return args.func(args)
     except (OndeviceError, ValueError, OSError) as e:  # OSError: a missing or unreadable file, a directory, ...
-        print(f"error: {e}", file=sys.stderr)
+        print(f"error: {one_line(e)}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         return 130

@@ -33,7 +33,11 @@ class ChatTemplateError(OndeviceError):
     """A chat template that fails to render in the sandbox."""
 
 
-class TokenizerMismatchError(OndeviceError):
+class DraftMismatchError(OndeviceError):
+    """A draft bundle that cannot draft for its target: it would propose token ids the target does not have."""
+
+
+class TokenizerMismatchError(DraftMismatchError):
     """A draft whose tokenizer differs from its target's: their token ids would not mean the same."""
 
 
@@ -47,3 +51,18 @@ class FlashStoreError(OndeviceError):
 
 class BudgetTooSmallError(OndeviceError):
     """A DRAM budget below what must stay resident, or too small for the neurons a token needs."""
+
+
+class InvalidArgumentError(OndeviceError, ValueError):
+    """An argument of the wrong kind or out of its range (max_tokens=-1, top_p=2, backend="x", threads=0).
+    Also a ValueError, so code that catches either keeps working."""
+
+
+class ProviderError(OndeviceError):
+    """An execution provider asked for by name that ONNX Runtime does not know, that this onnxruntime
+    build lacks, or that failed to start; the message lists the providers this build has."""
+
+
+class ModelBusyError(OndeviceError):
+    """A call on a model that an unfinished stream of the same thread still holds: waiting for it would
+    never end. Read the stream to its end or close() it first."""

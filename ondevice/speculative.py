@@ -329,6 +329,9 @@ class Speculator:
         self.max_nodes = min(self.config.max_nodes, room)
         if depth_cap < 1:
             return None
+        # a draft with a shorter context than the target's drafts only while the text fits in it
+        draft_cap = min(depth_cap, self.draft.backend.max_context - len(context) + 1) if self.draft else 0
+        use_draft = use_draft and draft_cap >= 1
         tree = TokenTree(context[-1])
         self._draft_s = 0.0
         chain = self.lookup.propose(context, min(depth_cap, self.config.lookup_tokens)) if self.lookup else []
@@ -349,7 +352,7 @@ class Speculator:
             self._pause()  # measured too slow to pay: try again after a while (it is re-measured then)
         elif use_draft:
             t0 = time.perf_counter()
-            self._grow_draft(tree, context, params, rng, min(depth_cap, 2) if probe else depth_cap)
+            self._grow_draft(tree, context, params, rng, min(draft_cap, 2) if probe else draft_cap)
             self._draft_s = time.perf_counter() - t0
             self.stats.draft_s += self._draft_s
         self._add_chain(tree, chain, [a] * len(chain), lookup=True)

@@ -3,28 +3,16 @@ render chat templates in a jinja2 sandbox. Needs only `tokenizers` and `jinja2`.
 
 from __future__ import annotations
 
-import functools
 import json
 import os
 from dataclasses import dataclass
-from datetime import datetime
 from pathlib import Path
 
 import tokenizers
-from jinja2.exceptions import SecurityError, TemplateError, TemplateSyntaxError
-from jinja2.ext import loopcontrols
-from jinja2.sandbox import ImmutableSandboxedEnvironment
 
-from ondevice.bundle import MANIFEST, resolve_inside
-from ondevice.errors import BundleError, ChatTemplateError, ModelNotFoundError, SourceFormatError
-
-# Used when a model ships no chat template.
-CHATML_TEMPLATE = (
-    "{% for message in messages %}"
-    "{{ '<|im_start|>' + message['role'] + '\n' + message['content'] + '<|im_end|>' + '\n' }}"
-    "{% endfor %}"
-    "{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}"
-)
+from ondevice.bundle import MANIFEST, check_tokenizer_entry, read_manifest_json, resolve_inside
+from ondevice.chat_template import CHATML_TEMPLATE, render_chat  # noqa: F401 - CHATML_TEMPLATE re-exported
+from ondevice.errors import BundleError, ModelNotFoundError, SourceFormatError
 
 
 @dataclass
@@ -71,10 +59,10 @@ def load_tokenizer(path: str | os.PathLike) -> Tokenizer:
     if not path.exists():
         raise ModelNotFoundError(f"{path}: no such tokenizer file or folder")
     if (path / MANIFEST).is_file():
-        try:
-            info = json.loads((path / MANIFEST).read_text(encoding="utf-8"))["tokenizer"]
-        except (ValueError, KeyError) as e:
-            raise BundleError(f"{path}: manifest has no readable tokenizer section ({e}); re-convert the model") from e
+        manifest = read_manifest_json(path / MANIFEST)
+        if not isinstance(manifest, dict):
+            raise BundleError(f"{path}: manifest is not a JSON object; re-convert the model")
+        info = check_tokenizer_entry(path, manifest.get("tokenizer"))
         eos = info.get("eos_token_ids") or []
         return Tokenizer(_read_backend(resolve_inside(path, info.get("file", "tokenizer.json"))),
                          bos_token_id=info.get("bos_token_id"), eos_token_ids=tuple(eos),
@@ -86,8 +74,10 @@ def load_tokenizer(path: str | os.PathLike) -> Tokenizer:
     if (folder / "tokenizer_config.json").is_file():
         try:
             config = json.loads((folder / "tokenizer_config.json").read_text(encoding="utf-8"))
-        except ValueError as e:
+        except (ValueError, RecursionError) as e:
             raise SourceFormatError(f"{folder / 'tokenizer_config.json'}: not valid JSON ({e})") from e
+        if not isinstance(config, dict):
+            raise SourceFormatError(f"{folder / 'tokenizer_config.json'}: expected a JSON object")
 
     def token_id(name: str) -> int | None:
         token = config.get(name)
@@ -96,9 +86,15 @@ def load_tokenizer(path: str | os.PathLike) -> Tokenizer:
 
     template = config.get("chat_template")
     if isinstance(template, list):  # named templates: the one called "default"
-        template = next((t.get("template") for t in template if t.get("name") == "default"), None)
+        template = next((t.get("template") for t in template if isinstance(t, dict) and t.get("name") == "default"),
+                        None)
     if template is None and (folder / "chat_template.jinja").is_file():
-        template = (folder / "chat_template.jinja").read_text(encoding="utf-8")
+        try:
+            template = (folder / "chat_template.jinja").read_text(encoding="utf-8")
+        except UnicodeDecodeError as e:
+            raise SourceFormatError(f"{folder / 'chat_template.jinja'}: not UTF-8 text ({e})") from e
+    if not isinstance(template, (str, type(None))):
+        raise SourceFormatError(f"{folder / 'tokenizer_config.json'}: chat_template is not a template (text)")
     eos = token_id("eos_token")
     return Tokenizer(backend, bos_token_id=token_id("bos_token"), eos_token_ids=() if eos is None else (eos,),
                      add_bos_token=bool(config.get("add_bos_token", False)), chat_template=template)
@@ -109,8 +105,12 @@ def _read_backend(file: Path) -> tokenizers.Tokenizer:
         raise BundleError(f"{file}: missing tokenizer.json; re-convert the model")
     try:
         return tokenizers.Tokenizer.from_file(str(file))
-    except Exception as e:  # tokenizers raises a bare Exception on malformed JSON
-        raise BundleError(f"{file}: not a valid tokenizer.json ({e}); re-convert the model") from e
+    except BaseException as e:  # a bare Exception on malformed JSON; on some values a Rust panic
+        # (pyo3's PanicException derives from BaseException and cannot be imported, so it is matched by name)
+        if not isinstance(e, Exception) and type(e).__name__ != "PanicException":
+            raise
+        raise BundleError(f"{file}: not a valid tokenizer.json ({type(e).__name__}: {e}); "
+                          "re-convert the model") from e
 
 
 class StreamingDetokenizer:
@@ -162,69 +162,3 @@ class StreamingDetokenizer:
         self._read = len(self._ids)
         self._context_text = self._decode(self._ids)
         return new
-
-
-class _Sandbox(ImmutableSandboxedEnvironment):
-    # `*` and `**` are checked before they run (which also stops jinja folding them at compile time):
-    # "x" * 10**10 or 9**9**9 in a template would otherwise exhaust memory or never finish.
-    intercepted_binops = frozenset({"*", "**"})
-    max_result = 10_000_000
-
-    def call_binop(self, context, operator, left, right):
-        if operator == "**" and isinstance(right, int) and abs(right) > 1024:
-            raise SecurityError(f"exponent {right} is too large for a chat template")
-        if operator == "*":
-            for seq, n in ((left, right), (right, left)):
-                if isinstance(seq, (str, list, tuple)) and isinstance(n, int) and len(seq) * n > self.max_result:
-                    raise SecurityError("chat template builds a sequence that is too long")
-        return super().call_binop(context, operator, left, right)
-
-    def unsafe_undefined(self, obj, attribute):
-        # jinja's default renders a forbidden attribute as empty text; a template reaching for
-        # Python internals is hostile or broken, so it fails instead.
-        raise SecurityError(f"access to attribute {attribute!r} of {type(obj).__name__!r} object is unsafe")
-
-
-class _RaisedByTemplate(TemplateError):
-    pass
-
-
-def _raise_exception(message: str):
-    raise _RaisedByTemplate(message)
-
-
-def _tojson(value, ensure_ascii: bool = False, indent=None, separators=None, sort_keys: bool = False) -> str:
-    # Like transformers: plain json.dumps, not jinja's HTML-escaping tojson.
-    return json.dumps(value, ensure_ascii=ensure_ascii, indent=indent, separators=separators, sort_keys=sort_keys)
-
-
-def _strftime_now(format: str) -> str:
-    return datetime.now().strftime(format)
-
-
-@functools.lru_cache(maxsize=16)
-def _compile(template: str):
-    env = _Sandbox(trim_blocks=True, lstrip_blocks=True, extensions=[loopcontrols])
-    env.filters["tojson"] = _tojson
-    env.globals["raise_exception"] = _raise_exception
-    env.globals["strftime_now"] = _strftime_now
-    return env.from_string(template)
-
-
-def render_chat(template: str | None, messages: list[dict], add_generation_prompt: bool = True,
-                bos_token: str = "", eos_token: str = "", **extra) -> str:
-    """The prompt a chat template makes of messages, rendered as transformers' apply_chat_template
-    does, in jinja2's immutable sandbox. template None means CHATML_TEMPLATE. Any failure of the
-    template, including an attempt to reach Python internals, raises ChatTemplateError."""
-    try:
-        compiled = _compile(CHATML_TEMPLATE if template is None else template)
-        return compiled.render(messages=messages, add_generation_prompt=add_generation_prompt,
-                               bos_token=bos_token, eos_token=eos_token, **extra)
-    except _RaisedByTemplate as e:
-        raise ChatTemplateError(f"the chat template rejected the messages: {e}") from e
-    except TemplateSyntaxError as e:
-        raise ChatTemplateError(f"the chat template is not valid jinja (line {e.lineno}): {e.message}") from e
-    except SecurityError as e:
-        raise ChatTemplateError(f"the chat template did something the sandbox forbids: {e}") from e
-    except Exception as e:  # noqa: BLE001 - the template is untrusted code; any failure is its failure
-        raise ChatTemplateError(f"the chat template failed to render ({type(e).__name__}: {e})") from e

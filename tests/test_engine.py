@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 
 import ondevice
-from ondevice.errors import ContextOverflowError
+from ondevice.errors import ContextOverflowError, InvalidArgumentError
 
 CONTEXT = 64  # tiny_bundle_ctx64's max_context
 IDS = [1, 40, 72, 100, 105, 32, 119, 111, 114, 108, 100]
@@ -58,13 +58,13 @@ def test_an_overflowing_request_leaves_the_model_usable(tiny_model):
     assert tiny_model.generate(IDS, max_tokens=5, temperature=0).token_ids == expected
 
 
-def test_invalid_requests_raise_value_error(tiny_model):
-    with pytest.raises(ValueError, match="max_tokens"):
-        tiny_model.generate(IDS, max_tokens=0)
-    with pytest.raises(ValueError, match="empty"):
-        tiny_model.generate("", raw=True, max_tokens=1)
-    with pytest.raises(ValueError):
-        tiny_model.generate(IDS, max_tokens=1, top_p=0.0)
+def test_invalid_requests_raise_invalid_argument_error_which_is_a_value_error(tiny_model):
+    for request, message in ((dict(prompt=IDS, max_tokens=0), "max_tokens"),
+                             (dict(prompt="", raw=True, max_tokens=1), "empty"),
+                             (dict(prompt=IDS, max_tokens=1, top_p=0.0), "top_p")):
+        with pytest.raises(InvalidArgumentError, match=message) as raised:
+            tiny_model.generate(**request)
+        assert isinstance(raised.value, ValueError)
 
 
 # --- streaming and stop strings --------------------------------------------------------------------

@@ -15,7 +15,7 @@ from dataclasses import asdict, dataclass
 
 import numpy as np
 
-from ondevice.converters.canonical import Weight
+from ondevice.converters.canonical import Weight, check_attention, gguf_number
 from ondevice.converters.export_onnx import MS_DOMAIN, GraphBuilder
 from ondevice.converters.quantize import QuantSpec, concat_rows, dequantize, quantize_linear
 from ondevice.errors import SourceFormatError, UnsupportedArchitectureError
@@ -74,45 +74,63 @@ def _pattern_types(n_layers: int, period: int) -> list[str]:
 # --- from each source format -----------------------------------------------------------------
 
 def config_from_gguf(meta: dict, weights: dict[str, Weight]) -> Gemma3Config:
-    def get(key, default=None):
-        value = meta.get(f"gemma3.{key}", default)
-        if value is None:
-            raise SourceFormatError(f"GGUF metadata lacks gemma3.{key}")
-        return value
+    def get(key, kind=int, default=None):
+        return gguf_number(meta, f"gemma3.{key}", kind, default)
 
     scaling = meta.get("gemma3.rope.scaling.type") or "none"
     if scaling not in ("none", "linear"):
         raise UnsupportedArchitectureError(f"gemma3 with rope scaling {scaling!r} is not supported")
-    hidden, heads, layers = int(get("embedding_length")), int(get("attention.head_count")), int(get("block_count"))
-    head_dim = int(meta.get("gemma3.attention.key_length", hidden // heads))
-    if int(meta.get("gemma3.attention.value_length", head_dim)) != head_dim:
+    hidden, heads, layers = get("embedding_length"), get("attention.head_count"), get("block_count")
+    head_dim = get("attention.key_length", default=hidden // heads)
+    if get("attention.value_length", default=head_dim) != head_dim:
         raise UnsupportedArchitectureError("gemma3 with different key and value head sizes is not supported")
     pattern = meta.get("gemma3.attention.sliding_window_pattern", DEFAULT_PATTERN)
     if isinstance(pattern, list):  # per layer: true = sliding window
+        if len(pattern) != layers:
+            raise SourceFormatError(f"GGUF metadata gemma3.attention.sliding_window_pattern has {len(pattern)} "
+                                    f"entries for {layers} layers")
         types = [SLIDING if p else FULL for p in pattern]
     else:
-        types = _pattern_types(layers, int(pattern))
+        types = _pattern_types(layers, get("attention.sliding_window_pattern", default=DEFAULT_PATTERN))
     if "token_embd.weight" not in weights:
         raise SourceFormatError("GGUF lacks token_embd.weight")
-    return Gemma3Config(
+    cfg = Gemma3Config(
         vocab_size=weights["token_embd.weight"].shape[0],
         hidden_size=hidden,
-        intermediate_size=int(get("feed_forward_length")),
+        intermediate_size=get("feed_forward_length"),
         num_layers=layers,
         num_heads=heads,
-        num_kv_heads=int(meta.get("gemma3.attention.head_count_kv", heads)),
+        num_kv_heads=get("attention.head_count_kv", default=heads),
         head_dim=head_dim,
-        rope_theta=float(meta.get("gemma3.rope.freq_base", 1000000.0)),
-        rope_local_theta=float(meta.get("gemma3.rope.freq_base_swa", DEFAULT_LOCAL_ROPE_THETA)),
-        rope_scaling_factor=float(meta.get("gemma3.rope.scaling.factor", 1.0)) if scaling == "linear" else 1.0,
-        rms_norm_eps=float(get("attention.layer_norm_rms_epsilon")),
-        max_context=int(get("context_length")),
+        rope_theta=get("rope.freq_base", float, 1000000.0),
+        rope_local_theta=get("rope.freq_base_swa", float, DEFAULT_LOCAL_ROPE_THETA),
+        rope_scaling_factor=get("rope.scaling.factor", float, 1.0) if scaling == "linear" else 1.0,
+        rms_norm_eps=get("attention.layer_norm_rms_epsilon", float),
+        max_context=get("context_length"),
         tie_embeddings="output.weight" not in weights,
-        sliding_window=int(get("attention.sliding_window")),
+        sliding_window=get("attention.sliding_window"),
         layer_types=types,
         # llama.cpp's rule (the GGUF does not say): 27B scales by hidden / heads, the others by head_dim.
         query_pre_attn_scalar=float(hidden // heads if layers == 62 else head_dim),
     )
+    check_attention(cfg)
+    return cfg
+
+
+def gguf_shapes(cfg: Gemma3Config):
+    """(GGUF tensor name, [rows, cols] or [size]) of every tensor the config implies, layer by layer."""
+    h, q, kv, ff, hd = cfg.hidden_size, cfg.num_heads * cfg.head_dim, cfg.num_kv_heads * cfg.head_dim, \
+        cfg.intermediate_size, cfg.head_dim
+    yield "token_embd.weight", (cfg.vocab_size, h)
+    yield "output_norm.weight", (h,)
+    if not cfg.tie_embeddings:
+        yield "output.weight", (cfg.vocab_size, h)
+    for i in range(cfg.num_layers):
+        for kind, shape in (("attn_norm", (h,)), ("post_attention_norm", (h,)), ("ffn_norm", (h,)),
+                            ("post_ffw_norm", (h,)), ("attn_q_norm", (hd,)), ("attn_k_norm", (hd,)),
+                            ("attn_q", (q, h)), ("attn_k", (kv, h)), ("attn_v", (kv, h)), ("attn_output", (h, q)),
+                            ("ffn_gate", (ff, h)), ("ffn_up", (ff, h)), ("ffn_down", (h, ff))):
+            yield f"blk.{i}.{kind}.weight", shape
 
 
 def config_from_hf(cfg: dict, weights: dict[str, Weight]) -> Gemma3Config:
@@ -177,7 +195,10 @@ def canonical_from_gguf(weights: dict[str, Weight], cfg: Gemma3Config) -> dict[s
         elif name == "output.weight":
             out["lm_head.weight"] = w
         elif name.startswith("blk."):
-            _, layer, kind, _ = name.split(".")
+            parts = name.split(".")
+            if len(parts) != 4:
+                raise SourceFormatError(f"GGUF tensor name {name!r} is not blk.<layer>.<kind>.<weight|bias>")
+            _, layer, kind, _ = parts
             if kind not in _GGUF_NAMES:
                 raise UnsupportedArchitectureError(f"gemma3 GGUF tensor {name} is not known")
             if kind.endswith("norm"):

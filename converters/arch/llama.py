@@ -11,7 +11,7 @@ from dataclasses import asdict, dataclass
 
 import numpy as np
 
-from ondevice.converters.canonical import QTensor, Weight
+from ondevice.converters.canonical import QTensor, Weight, check_attention, gguf_number
 from ondevice.converters.export_onnx import MS_DOMAIN, GraphBuilder
 from ondevice.converters.quantize import QuantSpec, concat_rows, quantize_linear
 from ondevice.errors import SourceFormatError, UnsupportedArchitectureError
@@ -38,30 +38,44 @@ class LlamaConfig:
 # --- from each source format -----------------------------------------------------------------
 
 def config_from_gguf(meta: dict, weights: dict[str, Weight]) -> LlamaConfig:
-    def get(key, default=None):
-        value = meta.get(f"llama.{key}", default)
-        if value is None:
-            raise SourceFormatError(f"GGUF metadata lacks llama.{key}")
-        return value
+    def get(key, kind=int, default=None):
+        return gguf_number(meta, f"llama.{key}", kind, default)
 
-    hidden = int(get("embedding_length"))
-    heads = int(get("attention.head_count"))
     if meta.get("llama.rope.scaling.type") not in (None, "none"):
         raise UnsupportedArchitectureError("llama with rope scaling is not supported yet")
-    vocab = weights["token_embd.weight"].shape[0]
-    return LlamaConfig(
-        vocab_size=int(meta.get("llama.vocab_size", vocab)),
+    if "token_embd.weight" not in weights:
+        raise SourceFormatError("GGUF lacks token_embd.weight")
+    hidden, heads = get("embedding_length"), get("attention.head_count")
+    cfg = LlamaConfig(
+        vocab_size=get("vocab_size", default=weights["token_embd.weight"].shape[0]),
         hidden_size=hidden,
-        intermediate_size=int(get("feed_forward_length")),
-        num_layers=int(get("block_count")),
+        intermediate_size=get("feed_forward_length"),
+        num_layers=get("block_count"),
         num_heads=heads,
-        num_kv_heads=int(meta.get("llama.attention.head_count_kv", heads)),
-        head_dim=int(meta.get("llama.rope.dimension_count", hidden // heads)),
-        rope_theta=float(meta.get("llama.rope.freq_base", 10000.0)),
-        rms_norm_eps=float(get("attention.layer_norm_rms_epsilon")),
-        max_context=int(get("context_length")),
+        num_kv_heads=get("attention.head_count_kv", default=heads),
+        head_dim=get("rope.dimension_count", default=hidden // heads),
+        rope_theta=get("rope.freq_base", float, 10000.0),
+        rms_norm_eps=get("attention.layer_norm_rms_epsilon", float),
+        max_context=get("context_length"),
         tie_embeddings="output.weight" not in weights,
     )
+    check_attention(cfg)
+    return cfg
+
+
+def gguf_shapes(cfg: LlamaConfig):
+    """(GGUF tensor name, [rows, cols] or [size]) of every tensor the config implies, layer by layer."""
+    h, q, kv, ff = cfg.hidden_size, cfg.num_heads * cfg.head_dim, cfg.num_kv_heads * cfg.head_dim, \
+        cfg.intermediate_size
+    yield "token_embd.weight", (cfg.vocab_size, h)
+    yield "output_norm.weight", (h,)
+    if not cfg.tie_embeddings:
+        yield "output.weight", (cfg.vocab_size, h)
+    for i in range(cfg.num_layers):
+        for kind, shape in (("attn_norm", (h,)), ("ffn_norm", (h,)), ("attn_q", (q, h)), ("attn_k", (kv, h)),
+                            ("attn_v", (kv, h)), ("attn_output", (h, q)), ("ffn_gate", (ff, h)),
+                            ("ffn_up", (ff, h)), ("ffn_down", (h, ff))):
+            yield f"blk.{i}.{kind}.weight", shape
 
 
 def config_from_hf(cfg: dict, weights: dict[str, Weight]) -> LlamaConfig:
@@ -112,7 +126,10 @@ def canonical_from_gguf(weights: dict[str, Weight], cfg: LlamaConfig) -> dict[st
         elif name == "output.weight":
             out["lm_head.weight"] = w
         elif name.startswith("blk."):
-            _, layer, kind, _ = name.split(".")
+            parts = name.split(".")
+            if len(parts) != 4:
+                raise SourceFormatError(f"GGUF tensor name {name!r} is not blk.<layer>.<kind>.<weight|bias>")
+            _, layer, kind, _ = parts
             if kind not in _GGUF_NAMES:
                 continue  # e.g. rope_freqs: derived from the config instead
             if kind == "attn_q":

@@ -5,7 +5,7 @@ from __future__ import annotations
 import importlib.util
 from pathlib import Path
 
-from ondevice.errors import ModelNotFoundError
+from ondevice.errors import ModelNotFoundError, SourceFormatError
 
 # alias -> (package, file inside it, pip command that installs it)
 ALIASES = {
@@ -54,8 +54,24 @@ def _assembled(package: str, pip_cmd: str, alias: str) -> Path:
 
 
 def read_source(path: Path):
-    """Checkpoint from a GGUF file or a Hugging Face folder."""
+    """Checkpoint from a GGUF file or a Hugging Face folder, with a tokenizer that loads."""
     from ondevice.converters.sources.gguf import read_gguf
     from ondevice.converters.sources.hf import read_hf
 
-    return read_hf(path) if Path(path).is_dir() else read_gguf(path)
+    ckpt = read_hf(path) if Path(path).is_dir() else read_gguf(path)
+    check_tokenizer_json(path, ckpt.tokenizer_json)
+    return ckpt
+
+
+def check_tokenizer_json(path: Path, text: str) -> None:
+    """SourceFormatError unless `tokenizers` loads text: a GGUF's token metadata can name merges of
+    tokens that are not in its vocabulary, an HF tokenizer.json can be damaged."""
+    import tokenizers
+
+    try:
+        tokenizers.Tokenizer.from_str(text)
+    except BaseException as e:  # a bare Exception; on some values a Rust panic (PanicException, a BaseException)
+        if not isinstance(e, Exception) and type(e).__name__ != "PanicException":
+            raise
+        raise SourceFormatError(f"{path}: its tokenizer does not load ({type(e).__name__}: {str(e)[:200]}); "
+                                "the checkpoint is damaged or its tokenizer is not supported") from e

@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-import os
+import math
+import mmap
 from pathlib import Path
 
 import numpy as np
@@ -12,6 +13,7 @@ from ondevice.converters.canonical import Checkpoint, QTensor
 from ondevice.errors import SourceFormatError
 
 GGUF_MAGIC = b"GGUF"
+GGUF_DEFAULT_ALIGNMENT = 32
 _FLOAT_TYPES = {"F32", "F16", "BF16"}
 
 
@@ -33,15 +35,148 @@ def open_gguf(path: Path):
         magic = f.read(4)
     if magic != GGUF_MAGIC:
         raise SourceFormatError(f"{path}: not a GGUF file (magic {magic!r}, expected {GGUF_MAGIC!r})")
+    check_layout(path)
     try:
-        reader = GGUFReader(path)
+        return GGUFReader(path)
     except Exception as e:  # the reader raises ValueError/IndexError/... on damaged headers
         raise SourceFormatError(f"{path}: corrupt or truncated GGUF ({type(e).__name__}: {e})") from e
-    size = os.path.getsize(path)
-    for t in reader.tensors:
-        if t.data_offset + t.n_bytes > size:
-            raise SourceFormatError(f"{path}: truncated (tensor {t.name} ends past the end of the file)")
-    return reader
+
+
+# --- the header, checked before GGUFReader reads it -----------------------------------------------
+# GGUFReader trusts every count in the header: it loops over an array's length element by element
+# (2**31 of them is a hang) and maps tensors whose sizes it multiplies in uint64 (which can wrap).
+
+_SCALAR_SIZES = {0: 1, 1: 1, 2: 2, 3: 2, 4: 4, 5: 4, 6: 4, 7: 1, 10: 8, 11: 8, 12: 8}  # GGUFValueType -> bytes
+_STRING, _ARRAY, _UINT32 = 8, 9, 4
+_MAX_DIMS = 4  # GGML_MAX_DIMS
+_MAX_ARRAY = 1 << 22  # elements of one metadata array: far more than any vocabulary or merge list
+_MIN_KV_BYTES = 8 + 4 + 1  # key length, type, the smallest value
+_MIN_TENSOR_INFO_BYTES = 8 + 4 + 8 + 4 + 8  # name length, n_dims, one dim, type, offset
+GGUF_VERSIONS = (2, 3)  # what GGUFReader reads
+
+
+class _Cursor:
+    """Reads a GGUF header front to back; every read and every count is checked against the bytes left."""
+
+    def __init__(self, path: Path, data, byteorder: str):
+        self.path, self.data, self.byteorder, self.pos = path, data, byteorder, 0
+
+    def fail(self, what: str) -> SourceFormatError:
+        return SourceFormatError(f"{self.path}: corrupt or truncated GGUF ({what}); re-download or re-export it")
+
+    def take(self, n: int, what: str) -> int:
+        if n > len(self.data) - self.pos:
+            raise self.fail(f"{what} at byte {self.pos} runs past the end of the file ({len(self.data)} bytes)")
+        self.pos += n
+        return self.pos - n
+
+    def uint(self, size: int, what: str) -> int:
+        at = self.take(size, what)
+        return int.from_bytes(self.data[at:at + size], self.byteorder)
+
+    def string(self, what: str) -> bytes:
+        n = self.uint(8, f"the length of {what}")
+        at = self.take(n, f"{what} ({n} bytes)")
+        return self.data[at:at + n]
+
+    def text(self, what: str) -> str:
+        raw = self.string(what)
+        try:
+            return raw.decode("utf-8")
+        except UnicodeDecodeError as e:
+            raise self.fail(f"{what} {raw[:40]!r} is not UTF-8") from e
+
+    def fits(self, count: int, min_bytes: int, what: str) -> None:
+        left = len(self.data) - self.pos
+        if count * min_bytes > left:
+            raise self.fail(f"{count} {what} cannot fit in the {left} bytes left")
+
+
+def check_layout(path: Path) -> None:
+    """Walk the GGUF header: version, counts, string and array lengths, value types, tensor dimensions,
+    types and offsets, each checked against the file size. SourceFormatError on the first that is wrong."""
+    with open(path, "rb") as f, mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) as data:
+        _walk(Path(path), data)
+
+
+def _walk(path: Path, data) -> None:
+    cur = _Cursor(path, data, "little")
+    cur.take(4, "the magic")
+    version = cur.uint(4, "the version")
+    if version & 0xFFFF == 0:  # written on a big-endian machine (GGUFReader swaps it too)
+        cur.byteorder = "big"
+        version = int.from_bytes(data[4:8], "big")
+    if version not in GGUF_VERSIONS:
+        raise SourceFormatError(f"{path}: GGUF version {version} is not supported (this reader handles "
+                                f"{' and '.join(map(str, GGUF_VERSIONS))}); re-export the model with a current llama.cpp")
+    n_tensors, n_kv = cur.uint(8, "the tensor count"), cur.uint(8, "the metadata count")
+    cur.fits(n_kv, _MIN_KV_BYTES, "metadata entries")
+    alignment, keys = GGUF_DEFAULT_ALIGNMENT, set()
+    for _ in range(n_kv):
+        key = cur.text("a metadata key")
+        if key in keys:
+            raise cur.fail(f"metadata key {key!r} appears twice")
+        keys.add(key)
+        kind = cur.uint(4, f"the type of {key}")
+        at = cur.pos
+        _skip_value(cur, kind, key)
+        if key == "general.alignment":
+            alignment = int.from_bytes(data[at:at + 4], cur.byteorder) if kind == _UINT32 else 0
+            if alignment == 0 or alignment & (alignment - 1):
+                raise cur.fail("general.alignment is not a uint32 power of two")
+    cur.fits(n_tensors, _MIN_TENSOR_INFO_BYTES, "tensor infos")
+    infos, names = [], set()
+    for _ in range(n_tensors):
+        name = cur.text("a tensor name")
+        if name in names:
+            raise cur.fail(f"tensor {name!r} appears twice")
+        names.add(name)
+        n_dims = cur.uint(4, f"the dimension count of {name}")
+        if not 1 <= n_dims <= _MAX_DIMS:
+            raise cur.fail(f"tensor {name} has {n_dims} dimensions (GGUF allows 1 to {_MAX_DIMS})")
+        dims = [cur.uint(8, f"a dimension of {name}") for _ in range(n_dims)]
+        infos.append((name, dims, cur.uint(4, f"the type of {name}"), cur.uint(8, f"the offset of {name}")))
+    data_start = -(-cur.pos // alignment) * alignment
+    for name, dims, kind, offset in infos:
+        _check_tensor(cur, name, dims, kind, offset, alignment, data_start)
+
+
+def _skip_value(cur: _Cursor, kind: int, key: str) -> None:
+    if kind in _SCALAR_SIZES:
+        cur.take(_SCALAR_SIZES[kind], f"the value of {key}")
+    elif kind == _STRING:
+        cur.string(f"the value of {key}")
+    elif kind == _ARRAY:
+        item, n = cur.uint(4, f"the item type of {key}"), cur.uint(8, f"the length of {key}")
+        if n > _MAX_ARRAY:
+            raise cur.fail(f"metadata array {key} claims {n} items (at most {_MAX_ARRAY} are read)")
+        if item in _SCALAR_SIZES:
+            cur.take(n * _SCALAR_SIZES[item], f"the {n} items of {key}")
+        elif item == _STRING:
+            cur.fits(n, 8, f"strings of {key}")
+            for _ in range(n):
+                cur.string(f"an item of {key}")
+        else:  # llama.cpp does not read arrays of arrays either
+            raise cur.fail(f"metadata array {key} has item type {item} (arrays hold numbers or strings)")
+    else:
+        raise cur.fail(f"metadata {key} has unknown value type {kind}")
+
+
+def _check_tensor(cur: _Cursor, name: str, dims: list[int], kind: int, offset: int, alignment: int,
+                  data_start: int) -> None:
+    from gguf import GGML_QUANT_SIZES, GGMLQuantizationType
+
+    if kind not in {int(t) for t in GGML_QUANT_SIZES}:
+        raise cur.fail(f"tensor {name} has unknown type {kind}")
+    block, type_size = GGML_QUANT_SIZES[GGMLQuantizationType(kind)]
+    if dims[0] % block:
+        raise cur.fail(f"tensor {name}: its rows of {dims[0]} values are not whole blocks of {block}")
+    n_bytes = math.prod(dims) // block * type_size  # Python ints: no wrap-around
+    if offset % alignment:
+        raise cur.fail(f"tensor {name}: offset {offset} is not a multiple of the alignment {alignment}")
+    if data_start + offset + n_bytes > len(cur.data):
+        raise cur.fail(f"tensor {name} ({n_bytes} bytes at byte {data_start + offset}) ends past the end of "
+                       f"the file ({len(cur.data)} bytes)")
 
 
 def read_gguf(path: Path) -> Checkpoint:

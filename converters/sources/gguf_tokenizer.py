@@ -60,15 +60,49 @@ _PRE_TOKENIZERS: dict[str, tuple[list[dict], bool]] = {
 _SPECIAL_KEYS = {"bos": "bos_token_id", "eos": "eos_token_id", "unk": "unknown_token_id", "pad": "padding_token_id"}
 
 
-def _value(reader, key: str, default=None):
+# GGUFValueType numbers of each kind of value this module reads
+_INTEGER, _FLOAT, _BOOL, _STRING, _ARRAY = {0, 1, 2, 3, 4, 5, 10, 11}, {6, 12}, {7}, {8}, 9
+# the tokenizer metadata read here: key -> (the value types it may have, is it an array, what it is)
+_TYPES = {
+    "tokenizer.ggml.model": (_STRING, False, "a name"),
+    "tokenizer.ggml.pre": (_STRING, False, "a name"),
+    "tokenizer.chat_template": (_STRING, False, "a template"),
+    "tokenizer.ggml.tokens": (_STRING, True, "a list of strings"),
+    "tokenizer.ggml.merges": (_STRING, True, "a list of strings"),
+    "tokenizer.ggml.token_type": (_INTEGER, True, "a list of integers"),
+    "tokenizer.ggml.scores": (_FLOAT | _INTEGER, True, "a list of numbers"),
+    **{f"tokenizer.ggml.{key}": (_INTEGER, False, "a token id") for key in _SPECIAL_KEYS.values()},
+    **{f"tokenizer.ggml.{key}": (_BOOL, False, "true or false")
+       for key in ("add_bos_token", "add_eos_token", "add_space_prefix")},
+}
+
+
+def _field(reader, key: str):
+    """The metadata field, checked to have the value type the tokenizer needs (None if absent)."""
     field = reader.fields.get(key)
     if field is None:
+        return None
+    kinds, is_array, what = _TYPES[key]
+    types = [int(t) for t in field.types]
+    # an array's types are [ARRAY, item type], or just [ARRAY] when it is empty
+    ok = types[:1] == [_ARRAY] and (len(types) == 1 or types[1] in kinds) if is_array else types[0] in kinds
+    if not ok:
+        raise SourceFormatError(f"GGUF metadata {key} should be {what}, but has GGUF value types {types}")
+    return field
+
+
+def _value(reader, key: str, default=None):
+    field = _field(reader, key)
+    if field is None:
         return default
-    return field.contents()
+    try:
+        return field.contents()
+    except UnicodeDecodeError as e:
+        raise SourceFormatError(f"GGUF metadata {key} is not UTF-8 text ({e})") from e
 
 
 def _strings(reader, key: str) -> list[str]:
-    field = reader.fields.get(key)
+    field = _field(reader, key)
     if field is None:
         raise KeyError(key)
     # Decoded leniently: tokenizer.json cannot hold invalid UTF-8 either, and one bad token should
@@ -176,6 +210,8 @@ def _sentencepiece_bpe(reader, tokens: list[str], types: list[int], special: dic
     """llama.cpp's SPM tokenizer as BPE: it repeatedly joins the adjacent pair whose concatenation
     is the highest-scoring token, which is BPE with merges ranked by the merged token's score."""
     scores = _value(reader, "tokenizer.ggml.scores") or [0.0] * len(tokens)
+    if len(scores) != len(tokens):
+        raise SourceFormatError(f"GGUF tokenizer has {len(tokens)} tokens but {len(scores)} scores")
     vocab = _vocab(tokens)
     ranked = []
     for token, i in vocab.items():

@@ -249,11 +249,22 @@ def test_an_interrupted_forced_conversion_keeps_the_old_bundle(tiny_gguf, tiny_b
     read_bundle(old, verify=True)
 
 
+@pytest.mark.parametrize("exchange", ["renameat2", "two renames"])
 def test_a_forced_conversion_that_fails_while_swapping_in_the_new_bundle_restores_the_old_one(
-        tiny_gguf, tiny_bundle, copy_bundle, tmp_path, monkeypatch):
+        tiny_gguf, tiny_bundle, copy_bundle, tmp_path, monkeypatch, exchange):
+    """Linux swaps the two directories in one renameat2(RENAME_EXCHANGE); elsewhere the old bundle is
+    moved aside first and put back when the second rename fails."""
+    from ondevice import bundle as bundle_module
+
     old = copy_bundle(tiny_bundle, "tiny.bundle")
     before = tree(tmp_path)
     real_replace = os.replace
+    if exchange == "renameat2":
+        def failing_exchange(a, b):
+            raise KeyboardInterrupt
+        monkeypatch.setattr(bundle_module, "_exchange", failing_exchange)
+    else:
+        monkeypatch.setattr(bundle_module, "_exchange", lambda a, b: False)
 
     def replace(src, dst):
         if ".partial-" in os.fspath(src):  # the rename of the new bundle onto the target
