@@ -15,6 +15,7 @@ import onnx
 from onnx import TensorProto, helper, numpy_helper
 
 from ondevice.converters.quantize import Blocks
+from ondevice.errors import SourceFormatError
 
 OPSET = 21
 MS_DOMAIN = "com.microsoft"
@@ -115,7 +116,9 @@ class GraphBuilder:
         """Rows of w for ids."""
         if isinstance(w, Blocks):
             if w.mins is not None:
-                raise NotImplementedError("embeddings with per-block mins are not supported")
+                raise SourceFormatError(f"{name}: an embedding in 4-bit blocks with per-block mins (GGUF Q4_1/Q5_1) "
+                                        "is not supported; re-quantize token_embd to Q8_0 or Q4_0 (llama.cpp's llama-quantize "
+                                        "--token-embedding-type q8_0) or convert the Hugging Face checkpoint")
             # Shares the codes initializer with a tied LM head (same name, same bytes).
             codes = self.const(name + ".qweight", w.packed())
             scales = self.const(name + ".gather_scales", w.scales[..., None])

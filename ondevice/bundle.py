@@ -87,7 +87,7 @@ class Bundle:
 
 def resolve_inside(root: Path, name: str) -> Path:
     """root/name, refusing absolute paths and anything that escapes root (.., symlinks)."""
-    if not isinstance(name, str) or not name or os.path.isabs(name) or "\\" in name:
+    if not isinstance(name, str) or not name or os.path.isabs(name) or "\\" in name or "\x00" in name:
         raise BundleError(f"manifest names an invalid path {name!r}: bundle paths are plain relative names")
     root = root.resolve()
     target = (root / name).resolve()

@@ -138,3 +138,12 @@ def test_a_damaged_graph_that_onnx_runtime_still_loads_is_a_bundle_error(tiny_bu
     graph.write_bytes(graph.read_bytes().replace(b"\x08capacity", b"\x08capa\x8bity"))
     with pytest.raises(BundleError, match="ONNX graph is corrupt .*not UTF-8"):
         ondevice.load(bundle, verify=False)
+
+
+@pytest.mark.parametrize("entry", ["graph", "data"])
+def test_a_file_name_with_a_nul_byte_is_an_invalid_path_not_a_crash_of_path_resolution(tiny_bundle, copy_bundle,
+                                                                                         entry):
+    bundle = copy_bundle(tiny_bundle)
+    edit_manifest(bundle, lambda m: onnx(m).update({entry: "model\x00.onnx"}))
+    with pytest.raises(BundleError, match="invalid path"):
+        ondevice.load(bundle, verify=False)

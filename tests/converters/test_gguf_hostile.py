@@ -168,3 +168,14 @@ def test_a_context_too_long_for_a_bundle_is_refused_with_the_option_to_use(tmp_p
     path = tiny_gguf_where(tmp_path, monkeypatch, "add_context_length", lambda w, real, _: real(w, 1 << 21))
     with pytest.raises(SourceFormatError, match="2097152 tokens is more than a bundle holds.*--max-context"):
         ondevice.convert(path, tmp_path / "out", progress=False)
+
+
+def test_an_embedding_in_4bit_blocks_with_mins_is_refused_with_what_to_do(tmp_path):
+    """token_embd's type set from Q8_0 to Q4_1 (as the fuzzer did): the export has no gather for blocks
+    with mins, and says how to re-quantize instead of failing with NotImplementedError."""
+    q8 = write_tiny_llama_gguf(tmp_path / "q8.gguf", weight_type="Q8_0", seed=0)
+    embd = next(i for i, t in enumerate(gguf.GGUFReader(q8).tensors) if t.name == "token_embd.weight")
+    q4_1 = patched(q8, tmp_path, "tensor_type", int(gguf.GGMLQuantizationType.Q4_1), index=embd)
+    assert gguf.GGUFReader(q4_1).tensors[embd].tensor_type == gguf.GGMLQuantizationType.Q4_1
+    with pytest.raises(SourceFormatError, match="token_embd to Q8_0"):
+        ondevice.convert(q4_1, tmp_path / "out.bundle", progress=False)
