@@ -15,9 +15,10 @@ Warm-up, excluded from the growth figure and reported separately:
    up to the whole table (~32 MB for SmolLM2); the sweep brings them all back at once;
 3. --warmup seconds of the mixed calls (after the sweep).
 Then RSS (VmRSS, split into heap RssAnon and file pages RssFile) is read after every call. A greedy
-128-token probe runs before and after: its decode tok/s is the controlled drift figure and its
-tokens must not change. Exit status 1 when RSS grew by --max-growth-mb (default 5) or more over the
-measured minutes, or the probe's tokens changed.
+128-token probe runs after load and then every --probe-every seconds (default 60) and at the end:
+its decode tok/s is the controlled drift figure (the calls' own tok/s depends on their mix), and
+its tokens must never change. Exit status 1 when RSS grew by --max-growth-mb (default 5) or more
+over the measured minutes, or a probe's tokens changed.
 """
 
 from __future__ import annotations
@@ -201,7 +202,7 @@ def run(args: argparse.Namespace) -> dict:
     after_load = memory()
     chat_tokens = max(64, min(args.chat_tokens, model.max_context - 240))
     soak = Soak(model, random.Random(args.seed), chat_tokens)
-    probe_tokens, probe_start = probe(model)
+    probe_tokens, probe_after_load = probe(model)
 
     t_warm = time.perf_counter()
     deepest = min(model.max_context - 4, chat_tokens + 160)  # a chat past the limit by one turn + 96 tokens
@@ -219,8 +220,13 @@ def run(args: argparse.Namespace) -> dict:
     start = memory()
     soak.restart(args.minutes)
     peak, samples = dict(start), [{"t": 0.0, **{k: round(v, 2) for k, v in start.items()}}]
-    next_sample, duration = args.sample_every, 60 * args.minutes
+    probes: list[dict] = []
+    next_sample, next_probe, duration = args.sample_every, 0.0, 60 * args.minutes
     while (elapsed := time.perf_counter() - soak.start) < duration:
+        if elapsed >= next_probe:
+            tokens, tok_s = probe(model)
+            probes.append({"t": round(elapsed, 1), "decode_tok_s": round(tok_s, 1), "same": tokens == probe_tokens})
+            next_probe += args.probe_every
         soak.step()
         now = memory()
         peak = {k: max(peak[k], now[k]) for k in peak}
@@ -234,7 +240,9 @@ def run(args: argparse.Namespace) -> dict:
     measured_s = time.perf_counter() - soak.start
     gc.collect()
     end = memory()
-    probe_tokens_end, probe_end = probe(model)
+    tokens, tok_s = probe(model)
+    probes.append({"t": round(measured_s, 1), "decode_tok_s": round(tok_s, 1), "same": tokens == probe_tokens})
+    probe_start, probe_end = probes[0]["decode_tok_s"], probes[-1]["decode_tok_s"]
 
     last = max(soak.minutes) if soak.minutes else 0
     first_tok_s, first_decode = soak.rates(0)
@@ -253,8 +261,9 @@ def run(args: argparse.Namespace) -> dict:
         "rss_slope_mb_per_min": round(slope_mb_per_min([(s["t"], s["VmRSS"]) for s in samples]), 3),
         "tok_s_first_minute": round(first_tok_s, 1), "tok_s_last_minute": round(last_tok_s, 1),
         "decode_tok_s_first_minute": round(first_decode, 1), "decode_tok_s_last_minute": round(last_decode, 1),
-        "probe_decode_tok_s_start": round(probe_start, 1), "probe_decode_tok_s_end": round(probe_end, 1),
-        "probe_unchanged": probe_tokens == probe_tokens_end,
+        "probe_decode_tok_s_start": probe_start, "probe_decode_tok_s_end": probe_end,
+        "probe_decode_tok_s_after_load": round(probe_after_load, 1),
+        "probe_unchanged": all(p["same"] for p in probes), "probes": probes,
         "per_minute": [{"minute": k, "tok_s": round(soak.rates(k)[0], 1), "decode_tok_s": round(soak.rates(k)[1], 1)}
                        for k in sorted(soak.minutes)],
         "load_avg_start": [round(x, 2) for x in load_avg_start],
@@ -277,16 +286,18 @@ def summary(r: dict) -> str:
     return "\n".join([
         f"{r['calls']} calls in {r['minutes']} min: {r['calls_by_kind']}",
         f"warm-up {w['seconds']} s ({w['sweep_calls']} sweep + {w['calls']} mixed calls): RSS after load "
-        f"{w['rss_after_load_mb']} MB -> {r['rss_start_mb']} MB (+{w['rss_growth_mb']} MB; after the sweep "
-        f"{w['rss_after_sweep_mb']} MB)",
+        f"{w['rss_after_load_mb']} MB -> {r['rss_start_mb']} MB ({w['rss_growth_mb']:+} MB; after the deep prompt"
+        f"{' and the sweep' if w['sweep_calls'] else ''} {w['rss_after_sweep_mb']} MB)",
         f"RSS start {r['rss_start_mb']} MB, end {r['rss_end_mb']} MB, growth {r['rss_growth_mb']:+} MB "
         f"(heap {r['heap_growth_mb']:+}, file pages {r['file_growth_mb']:+}), peak {r['rss_peak_mb']} MB, "
         f"trend {r['rss_slope_mb_per_min']:+} MB/min",
         f"tok/s first minute {r['tok_s_first_minute']}, last minute {r['tok_s_last_minute']} "
         f"(drift {r['tok_s_drift_pct']}%); decode tok/s {r['decode_tok_s_first_minute']} -> "
         f"{r['decode_tok_s_last_minute']} ({r['decode_drift_pct']}%)",
-        f"probe (greedy, 128 tokens) decode tok/s {r['probe_decode_tok_s_start']} -> {r['probe_decode_tok_s_end']} "
-        f"({r['probe_drift_pct']}%), tokens unchanged: {r['probe_unchanged']}",
+        f"probe (greedy, 128 tokens, {len(r['probes'])} runs) decode tok/s {r['probe_decode_tok_s_start']} -> "
+        f"{r['probe_decode_tok_s_end']} ({r['probe_drift_pct']}%; range "
+        f"{min(p['decode_tok_s'] for p in r['probes'])}-{max(p['decode_tok_s'] for p in r['probes'])}), "
+        f"tokens unchanged: {r['probe_unchanged']}",
         f"load average start {r['load_avg_start']}, end {r['load_avg_end']}",
         ("OK" if r["ok"] else "FAIL") + f" (growth limit {r['max_growth_mb']} MB)",
     ])
@@ -303,6 +314,7 @@ def main(argv=None) -> int:
     ap.add_argument("--no-sweep", dest="sweep", action="store_false",
                     help="skip the embedding-table sweep (its pages then come back during the run)")
     ap.add_argument("--sample-every", type=float, default=10, help="seconds between progress lines / samples")
+    ap.add_argument("--probe-every", type=float, default=60, help="seconds between greedy probes (default 60)")
     ap.add_argument("--max-growth-mb", type=float, default=5.0, help="fail at this RSS growth or more (MB)")
     ap.add_argument("--json", action="store_true", help="print the report as one JSON object")
     args = ap.parse_args(argv)
