@@ -169,8 +169,7 @@ def _check_method(obj, args, kwargs) -> None:
         _check_join(owner, args[0])
 
 
-def _sized(x) -> int | None:
-    return len(x) if isinstance(x, (str, list, tuple)) else None
+_SEQUENCES = (str, list, tuple)
 
 
 class _Sandbox(ImmutableSandboxedEnvironment):
@@ -184,9 +183,9 @@ class _Sandbox(ImmutableSandboxedEnvironment):
             raise SecurityError(f"exponent {right} is too large for a chat template")
         if operator == "*":
             for seq, n in ((left, right), (right, left)):
-                if _sized(seq) is not None and isinstance(n, int):
+                if isinstance(seq, _SEQUENCES) and isinstance(n, int):
                     _fits(_size(seq) * n, "a repeated sequence")
-        if operator == "+" and _sized(left) is not None and _sized(right) is not None:
+        if operator == "+" and isinstance(left, _SEQUENCES) and isinstance(right, _SEQUENCES):
             _fits(_size(left) + _size(right), "a concatenation")
         if operator == "%" and isinstance(left, str):
             _check_percent(left, right)

@@ -113,10 +113,7 @@ def _walk(path: Path, data) -> None:
     cur.fits(n_kv, _MIN_KV_BYTES, "metadata entries")
     alignment, keys = GGUF_DEFAULT_ALIGNMENT, set()
     for _ in range(n_kv):
-        key = cur.text("a metadata key")
-        if key in keys:
-            raise cur.fail(f"metadata key {key!r} appears twice")
-        keys.add(key)
+        key = _new_name(cur, keys, "metadata key", "a metadata key")
         kind = cur.uint(4, f"the type of {key}")
         at = cur.pos
         _skip_value(cur, kind, key)
@@ -127,10 +124,7 @@ def _walk(path: Path, data) -> None:
     cur.fits(n_tensors, _MIN_TENSOR_INFO_BYTES, "tensor infos")
     infos, names = [], set()
     for _ in range(n_tensors):
-        name = cur.text("a tensor name")
-        if name in names:
-            raise cur.fail(f"tensor {name!r} appears twice")
-        names.add(name)
+        name = _new_name(cur, names, "tensor", "a tensor name")
         n_dims = cur.uint(4, f"the dimension count of {name}")
         if not 1 <= n_dims <= _MAX_DIMS:
             raise cur.fail(f"tensor {name} has {n_dims} dimensions (GGUF allows 1 to {_MAX_DIMS})")
@@ -139,6 +133,15 @@ def _walk(path: Path, data) -> None:
     data_start = -(-cur.pos // alignment) * alignment
     for name, dims, kind, offset in infos:
         _check_tensor(cur, name, dims, kind, offset, alignment, data_start)
+
+
+def _new_name(cur: _Cursor, seen: set[str], what: str, described: str) -> str:
+    """The next string of the header, a name that must not repeat one in seen (which it joins)."""
+    name = cur.text(described)
+    if name in seen:
+        raise cur.fail(f"{what} {name!r} appears twice")
+    seen.add(name)
+    return name
 
 
 def _skip_value(cur: _Cursor, kind: int, key: str) -> None:
